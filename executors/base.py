@@ -1,0 +1,108 @@
+"""The narrow executor interface: what a job runner may ask of any VM backend.
+
+Modelled on gitlab-runner's executor lifecycle and pyinfra's connectors: a small ABC per
+backend, and optional features declared in ``Capabilities`` rather than faked.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from kata_ci.executors.agent_client import AgentClient
+
+Accel = Literal["kvm", "tcg"]
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything a backend needs to make one VM. Validated by the caller (runner.config)."""
+
+    kernel: Path
+    initramfs: Path
+    rootfs: Path | None
+    vcpus: int = 2
+    memory_mib: int = 1024
+    workspace: Path | None = None  # shared over virtio-fs; nothing else of the host is
+    guest_workdir: str | None = None  # where the workspace appears; default: same path
+    network: Literal["none"] = "none"  # only isolation so far; no NIC at all
+    overlay_size: str = "50%"  # tmpfs upper layer over the read-only rootfs
+    extra_kernel_args: tuple[str, ...] = field(default=())
+
+    @property
+    def workdir(self) -> str | None:
+        if self.workspace is None:
+            return None
+        return self.guest_workdir or str(self.workspace)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Optional backend features; callers check these instead of trying and failing."""
+
+    snapshot: bool = False
+    hotplug: bool = False
+    vsock: bool = False
+
+
+@dataclass(frozen=True)
+class BootTimes:
+    """Where boot time went, in seconds: host wall clock and the guest's own uptime."""
+
+    agent_healthy: float  # host: VM process started -> Health answered
+    guest_uptime_at_health: float
+    guest_agent_started: float  # guest uptime when the agent process began
+
+
+class VM(abc.ABC):
+    """One microVM. ``kill`` is idempotent and never raises; use it as a context manager."""
+
+    id: str
+
+    @abc.abstractmethod
+    def start(self, timeout: float) -> BootTimes:
+        """Boot until the guest agent answers Health; SystemFailure otherwise."""
+
+    @property
+    @abc.abstractmethod
+    def agent(self) -> AgentClient:
+        """The typed agent client; valid after ``start``."""
+
+    @abc.abstractmethod
+    def check(self) -> None:
+        """Raise SystemFailure if any part of the VM (VM process, file server) has died."""
+
+    @abc.abstractmethod
+    def stop(self, timeout: float = 2.0) -> None:
+        """Graceful: the guest syncs and powers off; then every host resource is released."""
+
+    @abc.abstractmethod
+    def kill(self) -> None:
+        """Release every host resource now. Idempotent, never raises, safe from any thread."""
+
+    @abc.abstractmethod
+    def diagnostics(self, lines: int = 30) -> str:
+        """The tail of the guest console and backend logs, for failure reports."""
+
+    def __enter__(self) -> VM:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+
+
+class Backend(abc.ABC):
+    name: str
+    capabilities: Capabilities
+
+    @abc.abstractmethod
+    def create(self, spec: VMSpec) -> VM:
+        """A VM not yet started; creating allocates nothing on the host."""

@@ -1,0 +1,135 @@
+"""Pure functions from a VMSpec (+ file locations, acceleration) to QEMU and virtiofsd argv.
+
+No I/O here: unit tests pin the exact command lines, and the backend only executes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from kata_ci.executors.base import Accel, VMSpec
+
+AGENT_PORT_NAME = "kataci.agent"  # /dev/virtio-ports/<name> in the guest (guest/transport.py)
+AGENT_PORT_ID = "agentport"  # QMP VSERPORT_CHANGE reports this id when the guest opens it
+WORKSPACE_TAG = "workspace"  # virtio-fs tag, mounted by guest/init.c
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class VMPaths:
+    """The per-VM files, all inside one run directory removed at teardown."""
+
+    root: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.root / "qmp.sock"
+
+    @property
+    def agent(self) -> Path:
+        return self.root / "agent.sock"
+
+    @property
+    def virtiofs(self) -> Path:
+        return self.root / "fs.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.root / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.root / "qemu.log"
+
+    @property
+    def virtiofsd_log(self) -> Path:
+        return self.root / "virtiofsd.log"
+
+
+def kernel_cmdline(spec: VMSpec, floor: bool = False) -> str:
+    """Guest kernel command line. Only kataci.* options for our init; never secrets."""
+    words = [
+        "console=ttyS0", "quiet", "loglevel=4",
+        # reboot=t + QEMU -no-reboot: a guest reboot ends the VM process (no ACPI needed).
+        "reboot=t", "panic=-1",
+        "8250.nr_uarts=1", "tsc=reliable", "no_timer_check", "random.trust_cpu=on",
+    ]
+    if floor:
+        words.append("kataci.mode=floor")
+    else:
+        words.append(f"kataci.overlay_size={spec.overlay_size}")
+        words.append("kataci.transport=serial")
+    if spec.workdir is not None:
+        # Percent-encoded: the command line splits on spaces and has no quoting we can trust.
+        words.append(f"kataci.workdir={quote(spec.workdir, safe='/')}")
+    words.extend(spec.extra_kernel_args)
+    return " ".join(words)
+
+
+def accel_args(accel: Accel, vcpus: int) -> list[str]:
+    if accel == "kvm":
+        return ["-accel", "kvm", "-cpu", "host"]
+    # Multi-threaded TCG: one host thread per vCPU. "max" gives RDRAND (fast CRNG seeding).
+    thread = "multi" if vcpus > 1 else "single"
+    return ["-accel", f"tcg,thread={thread}", "-cpu", "max"]
+
+
+def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False) -> list[str]:
+    """The QEMU command line for one microVM.
+
+    microvm: no PCI, no firmware, no ACPI; virtio-mmio devices announced on the kernel command
+    line. vhost-user-fs needs guest RAM in a shared memfd, so RAM comes from an explicit
+    memory-backend whenever a workspace is shared.
+    """
+    mem = f"{spec.memory_mib}M"
+    machine = "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off"
+    argv = [QEMU, "-name", f"kata-ci,process=kata-ci-vm-{paths.root.name}",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            *accel_args(accel, spec.vcpus),
+            "-smp", str(spec.vcpus), "-m", mem]
+    if spec.workspace is not None and not floor:
+        machine += ",memory-backend=mem"
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={mem},share=on"]
+    argv += [
+        "-machine", machine,
+        # Modern virtio over mmio: vhost-user (virtiofsd) refuses legacy devices.
+        "-global", "virtio-mmio.force-legacy=false",
+        "-kernel", str(spec.kernel), "-initrd", str(spec.initramfs),
+        "-append", kernel_cmdline(spec, floor),
+        "-chardev", f"file,id=console,path={paths.console}", "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+    ]
+    if floor:
+        return argv
+    argv += [
+        "-object", "rng-random,id=rng,filename=/dev/urandom",
+        "-device", "virtio-rng-device,rng=rng",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},id={AGENT_PORT_ID}",
+    ]
+    if spec.rootfs is not None:
+        # readonly=on: one image serves every VM at once; each guest writes to its own tmpfs.
+        argv += ["-drive", f"id=root,file={spec.rootfs},format=raw,if=none,readonly=on",
+                 "-device", "virtio-blk-device,drive=root"]
+    if spec.workspace is not None:
+        argv += ["-chardev", f"socket,id=fs,path={paths.virtiofs}",
+                 "-device", f"vhost-user-fs-device,chardev=fs,tag={WORKSPACE_TAG},queue-size=1024"]
+    return argv
+
+
+def virtiofsd_argv(spec: VMSpec, paths: VMPaths) -> list[str]:
+    """virtiofsd sharing exactly the workspace.
+
+    sandbox=namespace (pivot_root into the workspace): a symlink pointing outside it resolves
+    inside the sandbox, never to the host's files. cache=auto: the host may change files while
+    the job runs (an editor, a second job) and the guest must see it.
+    """
+    assert spec.workspace is not None
+    return [VIRTIOFSD, f"--socket-path={paths.virtiofs}", "-o", f"source={spec.workspace}",
+            "-o", "sandbox=namespace", "-o", "cache=auto", "-o", "log_level=warn",
+            "-o", "no_posix_lock", "-o", "xattr"]

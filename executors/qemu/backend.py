@@ -1,0 +1,270 @@
+"""QEMU microvm backend: process lifecycle of QEMU + virtiofsd, QMP through qemu.qmp.
+
+A VM owns one run directory (sockets, console, logs, a record of its processes). ``kill``
+removes all of it; ``reap_orphans`` removes what a dead owner left (kata-ci SIGKILLed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from kata_ci.errors import SystemFailure
+from kata_ci.executors.agent_client import AgentClient, VirtioSerialChannel
+from kata_ci.executors.base import Accel, Backend, BootTimes, Capabilities, VM, VMSpec
+from kata_ci.executors.qemu.argv import AGENT_PORT_ID, VMPaths, qemu_argv, virtiofsd_argv
+
+RECORD = "vm.json"
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Child-side: get SIGKILL when the thread that started us dies (kata-ci killed -9).
+
+    The kernel ties this to the forking *thread*; VMs are started from long-lived threads.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 64 * 1024))
+            data = handle.read()
+    except OSError:
+        return ""
+    return b"\n".join(data.splitlines()[-lines:]).decode(errors="replace")
+
+
+class QemuVM(VM):
+    def __init__(self, spec: VMSpec, accel: Accel, run_root: Path, floor: bool = False) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.spec = spec
+        self.accel = accel
+        self.floor = floor
+        self.paths = VMPaths(run_root / self.id)
+        self._qemu: subprocess.Popen[bytes] | None = None
+        self._virtiofsd: subprocess.Popen[bytes] | None = None
+        self._agent: AgentClient | None = None
+        self._lock = threading.Lock()
+        self._killed = False
+        self._saved_diagnostics = ""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, timeout: float) -> BootTimes:
+        started = time.monotonic()
+        deadline = started + timeout
+        self.paths.root.mkdir(parents=True, mode=0o700)
+        if self.spec.workspace is not None and not self.floor:
+            self._virtiofsd = self._spawn(virtiofsd_argv(self.spec, self.paths),
+                                          self.paths.virtiofsd_log)
+            self._wait_for(self.paths.virtiofs, deadline, "virtiofsd socket")
+        self._qemu = self._spawn(qemu_argv(self.spec, self.paths, self.accel, self.floor),
+                                 self.paths.qemu_log)
+        self._record()
+        if self.floor:
+            return self._wait_floor(started, deadline)
+        self._wait_for(self.paths.qmp, deadline, "QMP socket")
+        self._wait_agent_port(deadline)
+        self._agent = AgentClient(VirtioSerialChannel(str(self.paths.agent)))
+        reply = self._agent.health(max(0.1, deadline - time.monotonic()))
+        return BootTimes(agent_healthy=time.monotonic() - started,
+                         guest_uptime_at_health=reply.uptime_seconds,
+                         guest_agent_started=reply.agent_start_seconds)
+
+    @property
+    def agent(self) -> AgentClient:
+        if self._agent is None:
+            raise SystemFailure("VM not started")
+        return self._agent
+
+    def check(self) -> None:
+        if self._killed:
+            raise SystemFailure("VM was killed", self._saved_diagnostics)
+        if self._qemu is not None and self._qemu.poll() is not None:
+            raise SystemFailure(f"VM process exited unexpectedly (status {self._qemu.returncode})",
+                                self.diagnostics())
+        if self._virtiofsd is not None and self._virtiofsd.poll() is not None:
+            raise SystemFailure(f"virtiofsd (workspace file server) exited unexpectedly "
+                                f"(status {self._virtiofsd.returncode})", self.diagnostics())
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Shutdown RPC (the guest kills leftovers and syncs), a short wait for the guest's own
+        power-off, then ``kill`` for whatever remains."""
+        if self._agent is not None and not self._killed:
+            with contextlib.suppress(SystemFailure):
+                self._agent.shutdown(timeout)
+            if self._qemu is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._qemu.wait(timeout)
+        self.kill()
+
+    def kill(self) -> None:
+        with self._lock:
+            if self._killed:
+                return
+            self._killed = True
+        try:
+            self._saved_diagnostics = self.diagnostics()
+        except Exception:  # noqa: BLE001 - kill never raises
+            self._saved_diagnostics = ""
+        for proc in (self._qemu, self._virtiofsd):
+            if proc is None:
+                continue
+            with contextlib.suppress(OSError):
+                if proc.poll() is None:
+                    proc.kill()
+            with contextlib.suppress(Exception):
+                proc.wait(10)
+        if self._agent is not None:
+            with contextlib.suppress(Exception):
+                self._agent.close()
+        shutil.rmtree(self.paths.root, ignore_errors=True)
+
+    def diagnostics(self, lines: int = 30) -> str:
+        if self._killed:
+            return self._saved_diagnostics
+        parts = [tail(self.paths.console, lines)]
+        for label, path in (("qemu", self.paths.qemu_log), ("virtiofsd", self.paths.virtiofsd_log)):
+            text = tail(path, 10)
+            if text.strip():
+                parts.append(f"--- {label} ---\n{text}")
+        return "\n".join(p for p in parts if p)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _spawn(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+        with log.open("ab") as sink:
+            try:
+                return subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                    # Own session: a Ctrl-C on the terminal reaches kata-ci, not the VM, so
+                    # cancel can be graceful.
+                    start_new_session=True, preexec_fn=_die_with_parent,
+                )
+            except OSError as exc:
+                raise SystemFailure(f"cannot start {argv[0]}: {exc}") from None
+
+    def _record(self) -> None:
+        pids = {"owner": os.getpid(), "qemu": self._qemu.pid if self._qemu else None,
+                "virtiofsd": self._virtiofsd.pid if self._virtiofsd else None}
+        (self.paths.root / RECORD).write_text(json.dumps(pids))
+
+    def _wait_for(self, path: Path, deadline: float, what: str) -> None:
+        while not path.exists():
+            self.check()
+            if time.monotonic() > deadline:
+                raise SystemFailure(f"timed out waiting for {what}", self.diagnostics())
+            time.sleep(0.005)
+
+    def _wait_agent_port(self, deadline: float) -> None:
+        """Wait for the guest to open the agent port (QMP VSERPORT_CHANGE).
+
+        Bytes sent before the guest opens its end are dropped by the guest driver, so the
+        host must not connect before this event.
+        """
+        qmp = QEMUMonitorProtocol(str(self.paths.qmp))
+        try:
+            qmp.connect(negotiate=True)
+            while True:
+                self.check()
+                if time.monotonic() > deadline:
+                    raise SystemFailure("guest agent did not open its channel in time",
+                                        self.diagnostics())
+                try:
+                    event = qmp.pull_event(wait=0.1)
+                except TimeoutError:
+                    continue
+                data = (event or {}).get("data", {})
+                if (event or {}).get("event") == "VSERPORT_CHANGE" and \
+                        data.get("id") == AGENT_PORT_ID and data.get("open"):
+                    return
+        except (OSError, EOFError) as exc:
+            self.check()
+            raise SystemFailure(f"QMP connection failed: {exc}", self.diagnostics()) from None
+        finally:
+            with contextlib.suppress(Exception):
+                qmp.close()
+
+    def _wait_floor(self, started: float, deadline: float) -> BootTimes:
+        assert self._qemu is not None
+        try:
+            self._qemu.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise SystemFailure("guest did not power off in time", self.diagnostics()) from None
+        elapsed = time.monotonic() - started
+        if "floor: powering off" not in tail(self.paths.console, 50):
+            raise SystemFailure("guest exited without reaching init", self.diagnostics())
+        return BootTimes(agent_healthy=elapsed, guest_uptime_at_health=0.0, guest_agent_started=0.0)
+
+
+class QemuBackend(Backend):
+    name = "qemu"
+    # Snapshots: vhost-user-fs blocks migration in QEMU 7.2. Hotplug: microvm has no bus for
+    # it. vsock: not on these hosts (no vhost-vsock); the agent channel is virtio-serial.
+    capabilities = Capabilities(snapshot=False, hotplug=False, vsock=False)
+
+    def __init__(self, accel: Accel, run_root: Path) -> None:
+        self.accel = accel
+        self.run_root = run_root
+
+    def create(self, spec: VMSpec) -> QemuVM:
+        return QemuVM(spec, self.accel, self.run_root)
+
+    def create_floor(self, spec: VMSpec) -> QemuVM:
+        """A VM whose init powers off at once: the benchmark floor and the KVM probe."""
+        return QemuVM(spec, self.accel, self.run_root, floor=True)
+
+
+def reap_orphans(run_root: Path) -> list[str]:
+    """Kill and remove VMs whose owning process is gone. Returns the reaped VM ids."""
+    reaped: list[str] = []
+    if not run_root.is_dir():
+        return reaped
+    for vm_dir in run_root.iterdir():
+        try:
+            record = json.loads((vm_dir / RECORD).read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(record.get("owner")):
+            continue
+        for key in ("qemu", "virtiofsd"):
+            pid = record.get(key)
+            # Only a process whose command line names this VM: pids get reused.
+            if pid and _cmdline_mentions(pid, vm_dir.name):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(vm_dir, ignore_errors=True)
+        reaped.append(vm_dir.name)
+    return reaped
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cmdline_mentions(pid: int, vm_id: str) -> bool:
+    try:
+        return vm_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

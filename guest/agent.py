@@ -1,0 +1,166 @@
+"""The in-VM agent: a gRPC server for ``agent.proto``, started by guest/init.c as PID 1's child.
+
+Start-up cost matters (every import is seconds under TCG): only grpc and the generated stubs
+are imported before the server serves; subprocess, selectors and hashing are cheap beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import google.protobuf
+import grpc
+
+import kata_ci
+from kata_ci.guest import agent_pb2 as pb
+from kata_ci.guest import agent_pb2_grpc as pb_grpc
+from kata_ci.guest.transport import serve_transport
+
+SOCKET = "/run/kata-ci-agent.sock"
+READ_CHUNK = 64 * 1024
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def uptime() -> float:
+    with open("/proc/uptime") as handle:
+        return float(handle.read().split()[0])
+
+
+def contract_sha256() -> str:
+    """Hash of the contract as compiled into these stubs; the host compares it with its own."""
+    return hashlib.sha256(pb.DESCRIPTOR.serialized_pb).hexdigest()
+
+
+class AgentService(pb_grpc.AgentServicer):  # type: ignore[misc]
+    def __init__(self, started_at: float, workdir: str, on_shutdown: threading.Event) -> None:
+        self.started_at = started_at
+        self.workdir = workdir
+        self.on_shutdown = on_shutdown
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+        self.lock = threading.Lock()
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
+        if request.host_time_unix_nanos:
+            time.clock_settime_ns(time.CLOCK_REALTIME, request.host_time_unix_nanos)
+        return pb.HealthResponse(
+            agent_version=kata_ci.__version__,
+            grpc_version=grpc.__version__,
+            protobuf_version=google.protobuf.__version__,
+            contract_sha256=contract_sha256(),
+            kernel_release=os.uname().release,
+            uptime_seconds=uptime(),
+            agent_start_seconds=self.started_at,
+        )
+
+    def Exec(self, request: pb.ExecRequest, context: grpc.ServicerContext) -> Iterator[pb.ExecEvent]:
+        env = dict(request.env) or {"PATH": DEFAULT_PATH}
+        try:
+            proc = subprocess.Popen(
+                list(request.argv), env=env, cwd=request.cwd or self.workdir,
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True,  # its own process group: Signal reaches all it starts
+            )
+        except (OSError, ValueError) as exc:
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            yield pb.ExecEvent(exited=pb.Exited(exit_code=code, error=str(exc)))
+            return
+        with self.lock:
+            self.running[request.exec_id] = proc
+        # Host gone (cancelled call, dead connection): nothing may outlive it in the guest.
+        context.add_callback(lambda: _kill_group(proc))
+        try:
+            yield pb.ExecEvent(started=pb.Started(pid=proc.pid))
+            yield from _stream_output(proc)
+            code = proc.wait()
+        finally:
+            with self.lock:
+                self.running.pop(request.exec_id, None)
+        if code < 0:
+            yield pb.ExecEvent(exited=pb.Exited(signal=-code))
+        else:
+            yield pb.ExecEvent(exited=pb.Exited(exit_code=code))
+
+    def Signal(self, request: pb.SignalRequest, context: grpc.ServicerContext) -> pb.SignalResponse:
+        with self.lock:
+            proc = self.running.get(request.exec_id)
+        if proc is None or proc.returncode is not None:
+            return pb.SignalResponse(found=False)
+        try:
+            if request.whole_group:
+                os.killpg(proc.pid, request.signal)
+            else:
+                os.kill(proc.pid, request.signal)
+        except ProcessLookupError:
+            return pb.SignalResponse(found=False)
+        return pb.SignalResponse(found=True)
+
+    def Shutdown(
+        self, request: pb.ShutdownRequest, context: grpc.ServicerContext
+    ) -> pb.ShutdownResponse:
+        with self.lock:
+            procs = list(self.running.values())
+        for proc in procs:
+            _kill_group(proc)
+        os.sync()
+        self.on_shutdown.set()
+        return pb.ShutdownResponse()
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _stream_output(proc: subprocess.Popen[bytes]) -> Iterator[pb.ExecEvent]:
+    """Yield output as it is read; a yield blocks while gRPC flow control holds us back."""
+    assert proc.stdout is not None and proc.stderr is not None
+    streams = {proc.stdout.fileno(): pb.STDOUT, proc.stderr.fileno(): pb.STDERR}
+    import select  # noqa: PLC0415 - after the server is up, not on the start path
+
+    poller = select.poll()
+    for fd in streams:
+        poller.register(fd, select.POLLIN)
+    while streams:
+        for fd, _ in poller.poll():
+            data = os.read(fd, READ_CHUNK)
+            if data:
+                yield pb.ExecEvent(output=pb.Output(stream=streams[fd], data=data))
+            else:
+                poller.unregister(fd)
+                del streams[fd]
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def main() -> None:
+    started_at = uptime()
+    workdir = os.environ.get("KATACI_WORKDIR", "/")  # decoded and mounted by init.c
+    shutdown = threading.Event()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    pb_grpc.add_AgentServicer_to_server(AgentService(started_at, workdir, shutdown), server)
+    server.add_insecure_port(f"unix:{SOCKET}")
+    server.start()
+    print(f"kata-ci-agent: serving at {uptime():.2f}s (started {started_at:.2f}s)",
+          file=sys.stderr, flush=True)
+    bridge = threading.Thread(target=serve_transport,
+                              args=(os.environ.get("KATACI_TRANSPORT", "serial"), SOCKET), daemon=True)
+    bridge.start()
+    shutdown.wait()
+    time.sleep(0.05)  # let the Shutdown reply leave before the VM goes away
+    server.stop(grace=None)
+    # PID 1 (init.c) sees us exit, syncs and powers the VM off.
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The ``kata-ci`` command line.
+
+Exit statuses of ``kata-ci run``: the command's own status (0-255; 128+N when it died of
+signal N), 124 timeout, 125 system failure (the VM or its plumbing failed, not the command),
+130 cancelled (Ctrl-C, SIGTERM), 2 bad usage or configuration (nothing was started).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from kata_ci import __version__, paths
+from kata_ci.errors import KataCIError, UserError
+from kata_ci.runner import config as config_mod
+from kata_ci.runner.job import OutcomeKind
+
+err = Console(stderr=True, highlight=False)
+EXIT_USAGE = 2
+
+
+def _fail(exc: KataCIError, code: int) -> None:
+    err.print(f"[bold red]kata-ci:[/] {exc}", markup=True, soft_wrap=True)
+    sys.exit(code)
+
+
+def _notify(message: str) -> None:
+    err.print(f"[yellow]kata-ci:[/] {message}", soft_wrap=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kata-ci")
+def main() -> None:
+    """Run CI jobs, each in a fresh microVM with its own kernel."""
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.option("-C", "--workspace", type=click.Path(path_type=Path), default=".",
+              show_default=True, help="Directory shared into the VM as the working directory.")
+@click.option("--vcpus", type=int, help="Virtual CPUs (config: vm.vcpus).")
+@click.option("--memory", "memory_mib", type=int, help="Guest memory in MiB (vm.memory_mib).")
+@click.option("--timeout", type=float, help="Seconds before the job is stopped; 0 = none.")
+@click.option("--grace", type=float, help="Seconds between SIGTERM and killing the VM.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Acceleration.")
+@click.option("-e", "--env", "env_items", multiple=True, metavar="NAME[=VALUE]",
+              help="Set a variable in the job (NAME alone passes the host's value).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="TOML config file (default: ~/.config/kata-ci/config.toml).")
+@click.argument("command", nargs=-1, required=True)
+def run(workspace: Path, vcpus: int | None, memory_mib: int | None, timeout: float | None,
+        grace: float | None, accel: str | None, env_items: tuple[str, ...],
+        config_path: Path | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND in a fresh microVM over the workspace: kata-ci run -- make test
+
+    The command is executed directly (like docker run); use `sh -c '...'` for shell syntax.
+    """
+    from kata_ci.runner.local import LocalRun, TerminalSink, check_workspace, parse_env, run_local
+
+    try:
+        cfg = config_mod.load(config_path).with_vm(
+            vcpus=vcpus, memory_mib=memory_mib, timeout=timeout, grace=grace, accel=accel)
+        job = LocalRun(argv=command, workspace=check_workspace(workspace), config=cfg,
+                       env=parse_env(env_items))
+        outcome = run_local(job, TerminalSink(), _notify)
+    except UserError as exc:
+        _fail(exc, EXIT_USAGE)
+    if outcome.kind is OutcomeKind.SYSTEM_FAILURE:
+        err.print(f"[bold red]kata-ci: system failure:[/] {outcome.message}", soft_wrap=True)
+        if outcome.diagnostics:
+            err.print("--- last guest console lines ---", style="dim")
+            err.print(outcome.diagnostics, markup=False, highlight=False, soft_wrap=True)
+    elif outcome.kind in (OutcomeKind.TIMEOUT, OutcomeKind.CANCELLED):
+        err.print(f"[bold yellow]kata-ci:[/] {outcome.message}")
+    sys.exit(outcome.exit_code)
+
+
+@main.group()
+def images() -> None:
+    """Build and inspect the guest images (kernel, rootfs, initramfs)."""
+
+
+@images.command("build")
+@click.option("--mirror", help="Debian mirror for the rootfs (default: the host's apt mirror).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path))
+def images_build(mirror: str | None, config_path: Path | None) -> None:
+    """Build what is missing; unchanged inputs are reused from the cache."""
+    from kata_ci.images.build import build_all
+
+    try:
+        cfg = config_mod.load(config_path)
+        with err.status("building guest images") as status:
+            manifest = build_all(paths.cache_dir(), lambda m: status.update(m),
+                                 mirror or cfg.images.mirror or None)
+    except KataCIError as exc:
+        _fail(exc, 1)
+    _show_manifest(manifest)
+
+
+@images.command("show")
+def images_show() -> None:
+    """Print the image manifest."""
+    from kata_ci.images.build import load_current
+
+    try:
+        _show_manifest(load_current(paths.cache_dir()))
+    except KataCIError as exc:
+        _fail(exc, 1)
+
+
+def _show_manifest(manifest: object) -> None:
+    table = Table("image", "key", "detail", "path")
+    for name in ("kernel", "rootfs", "initramfs"):
+        art = getattr(manifest, name)
+        table.add_row(name, art.key, art.detail, art.path)
+    Console().print(table)
+
+
+@main.command()
+def doctor() -> None:
+    """Check this host: QEMU, virtiofsd, images, and KVM or TCG (and why)."""
+    from kata_ci.runner.doctor import run_checks
+
+    checks = run_checks()
+    table = Table("check", "status", "detail")
+    colours = {"ok": "green", "warn": "yellow", "fail": "red"}
+    for check in checks:
+        table.add_row(check.name, f"[{colours[check.status]}]{check.status}[/]", check.detail)
+    Console().print(table)
+    sys.exit(1 if any(c.status == "fail" for c in checks) else 0)
