@@ -131,3 +131,7 @@ def doctor() -> None:
         table.add_row(check.name, f"[{colours[check.status]}]{check.status}[/]", check.detail)
     Console().print(table)
     sys.exit(1 if any(c.status == "fail" for c in checks) else 0)
+
+
+if __name__ == "__main__":
+    main()

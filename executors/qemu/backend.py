@@ -113,26 +113,28 @@ class QemuVM(VM):
         self.kill()
 
     def kill(self) -> None:
+        # The whole teardown runs under the lock: a second caller (the canceller thread and
+        # the main thread both kill) returns only when everything is gone, not half-way.
         with self._lock:
             if self._killed:
                 return
+            try:
+                self._saved_diagnostics = self.diagnostics()
+            except Exception:  # noqa: BLE001 - kill never raises
+                self._saved_diagnostics = ""
             self._killed = True
-        try:
-            self._saved_diagnostics = self.diagnostics()
-        except Exception:  # noqa: BLE001 - kill never raises
-            self._saved_diagnostics = ""
-        for proc in (self._qemu, self._virtiofsd):
-            if proc is None:
-                continue
-            with contextlib.suppress(OSError):
-                if proc.poll() is None:
-                    proc.kill()
-            with contextlib.suppress(Exception):
-                proc.wait(10)
-        if self._agent is not None:
-            with contextlib.suppress(Exception):
-                self._agent.close()
-        shutil.rmtree(self.paths.root, ignore_errors=True)
+            for proc in (self._qemu, self._virtiofsd):
+                if proc is None:
+                    continue
+                with contextlib.suppress(OSError):
+                    if proc.poll() is None:
+                        proc.kill()
+                with contextlib.suppress(Exception):
+                    proc.wait(10)
+            if self._agent is not None:
+                with contextlib.suppress(Exception):
+                    self._agent.close()
+            shutil.rmtree(self.paths.root, ignore_errors=True)
 
     def diagnostics(self, lines: int = 30) -> str:
         if self._killed:

@@ -1,0 +1,153 @@
+"""The real guest agent (gRPC server) on a local unix socket, driven by the real host client.
+
+No VM: this isolates the contract (streaming, exit statuses, signals, cancel, versions) from
+the transport, so a failure here is the agent's and not QEMU's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kata_ci.executors.agent_client import AgentClient, Output, VirtioSerialChannel
+from kata_ci.guest.agent import make_server
+
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[tuple[AgentClient, threading.Event]]:
+    # Unix socket paths are limited to 108 bytes: pytest's tmp_path can be longer.
+    sock_dir = tempfile.mkdtemp(prefix="kci-agent-", dir="/tmp")
+    sock = os.path.join(sock_dir, "agent.sock")
+    shutdown = threading.Event()
+    server = make_server(sock, str(tmp_path), shutdown)
+    server.start()
+    client = AgentClient(VirtioSerialChannel(sock))
+    yield client, shutdown
+    client.close()
+    server.stop(grace=None).wait()
+    shutil.rmtree(sock_dir)
+
+
+def collect(client: AgentClient, argv: list[str]) -> tuple[list[Output], int, int]:
+    stream = client.exec(argv, ENV)
+    chunks = list(stream)
+    assert stream.exit is not None
+    return chunks, stream.exit.exit_code, stream.exit.signal
+
+
+def test_health_reports_matching_versions(agent: tuple[AgentClient, threading.Event]) -> None:
+    """Health succeeds only when guest grpcio, protobuf and contract hash equal the host's."""
+    client, _ = agent
+    reply = client.health(timeout=10)
+    assert reply.kernel_release == os.uname().release
+    assert reply.agent_start_seconds > 0
+
+
+@pytest.mark.parametrize("code", [0, 1, 42])
+def test_exit_codes(agent: tuple[AgentClient, threading.Event], code: int) -> None:
+    """The exit status of the command comes back unchanged."""
+    _, status, sig = collect(agent[0], ["sh", "-c", f"exit {code}"])
+    assert (status, sig) == (code, 0)
+
+
+def test_signal_death(agent: tuple[AgentClient, threading.Event]) -> None:
+    """A command killed by a signal reports the signal, and 128+N as its status."""
+    _, status, sig = collect(agent[0], ["sh", "-c", "kill -9 $$"])
+    assert (status, sig) == (137, 9)
+
+
+def test_missing_program_is_127_with_reason(agent: tuple[AgentClient, threading.Event]) -> None:
+    """A program that does not exist ends as 127 (as in a shell) with the reason attached."""
+    stream = agent[0].exec(["/no/such/program"], ENV)
+    assert list(stream) == []
+    assert stream.exit is not None and stream.exit.exit_code == 127
+    assert "No such file" in stream.exit.error
+
+
+def test_stdout_and_stderr_stay_apart(agent: tuple[AgentClient, threading.Event]) -> None:
+    """Bytes written to stderr arrive tagged stderr, stdout tagged stdout."""
+    chunks, _, _ = collect(agent[0], ["sh", "-c", "echo out; echo err >&2; echo out2"])
+    out = b"".join(c.data for c in chunks if c.stream == "stdout")
+    err = b"".join(c.data for c in chunks if c.stream == "stderr")
+    assert (out, err) == (b"out\nout2\n", b"err\n")
+
+
+def test_env_and_cwd_are_exactly_as_requested(
+        agent: tuple[AgentClient, threading.Event], tmp_path: Path) -> None:
+    """The process gets the requested environment only, in the workdir by default."""
+    os.environ["KATA_CI_LEAK_CHECK"] = "leak"
+    try:
+        stream = agent[0].exec(["sh", "-c", "echo $KATA_CI_LEAK_CHECK:$A; pwd"],
+                               {**ENV, "A": "b"})
+        out = b"".join(c.data for c in stream)
+    finally:
+        del os.environ["KATA_CI_LEAK_CHECK"]
+    assert out == f":b\n{tmp_path}\n".encode()
+
+
+def test_output_is_streamed_before_exit(agent: tuple[AgentClient, threading.Event]) -> None:
+    """The first line arrives while the command is still running (streamed, not collected)."""
+    stream = agent[0].exec(["sh", "-c", "echo first; sleep 2; echo second"], ENV)
+    first = next(iter(stream))
+    assert first.data == b"first\n" and stream.exit is None
+
+
+def test_signal_reaches_the_whole_process_group(
+        agent: tuple[AgentClient, threading.Event]) -> None:
+    """SIGTERM via Signal stops the job and what it started (no orphaned sleep survives)."""
+    client, _ = agent
+    marker = f"kci-sleep-{os.getpid()}-{time.monotonic_ns()}"
+    stream = client.exec(["bash", "-c", f"echo ready; exec -a {marker} sleep 300 & wait"], ENV)
+    chunks = iter(stream)
+    assert next(chunks).data == b"ready\n"
+    assert client.signal(stream.exec_id, signal.SIGTERM)
+    list(chunks)
+    assert stream.exit is not None and stream.exit.exit_code != 0
+    time.sleep(0.2)
+    assert not _processes_named(marker)
+    assert client.signal(stream.exec_id, signal.SIGTERM) is False  # finished: safe to repeat
+
+
+def test_cancelled_call_kills_the_process_group(
+        agent: tuple[AgentClient, threading.Event]) -> None:
+    """A host that drops the call leaves nothing running in the guest."""
+    marker = f"kci-orphan-{os.getpid()}-{time.monotonic_ns()}"
+    stream = agent[0].exec(["bash", "-c", f"echo ready; exec -a {marker} sleep 300"], ENV)
+    assert next(iter(stream)).data == b"ready\n"
+    stream.cancel()
+    deadline = time.monotonic() + 5
+    while _processes_named(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _processes_named(marker)
+
+
+def test_shutdown_kills_running_jobs(agent: tuple[AgentClient, threading.Event]) -> None:
+    """Shutdown ends running execs and tells the agent's main loop to stop."""
+    client, shutdown = agent
+    stream = client.exec(["sh", "-c", "echo ready; sleep 300"], ENV)
+    assert next(iter(stream)).data == b"ready\n"
+    client.shutdown()
+    assert shutdown.is_set()
+    list(stream)
+    assert stream.exit is not None and stream.exit.signal == signal.SIGKILL
+
+
+def _processes_named(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found

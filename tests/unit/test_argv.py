@@ -1,0 +1,89 @@
+"""QEMU and virtiofsd command lines are pure functions of the VMSpec: pinned here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kata_ci.executors.base import VMSpec
+from kata_ci.executors.qemu.argv import VMPaths, kernel_cmdline, qemu_argv, virtiofsd_argv
+
+PATHS = VMPaths(Path("/run/kata-ci/abc123"))
+
+
+def spec(**kw: object) -> VMSpec:
+    base: dict[str, object] = {"kernel": Path("/k/vmlinux"), "initramfs": Path("/i/init.cpio"),
+                               "rootfs": Path("/r/rootfs.ext4")}
+    base.update(kw)
+    return VMSpec(**base)  # type: ignore[arg-type]
+
+
+def option_after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_workspace_vm_uses_shared_memfd_ram() -> None:
+    """vhost-user-fs needs guest RAM in a shared memfd: the backend must be memfd,share=on."""
+    argv = qemu_argv(spec(workspace=Path("/w"), memory_mib=768), PATHS, "tcg")
+    assert "memory-backend-memfd,id=mem,size=768M,share=on" in option_after(argv, "-object")
+    machine = option_after(argv, "-machine")[0]
+    assert machine.startswith("microvm,") and "memory-backend=mem" in machine
+    assert "acpi=off" in machine  # virtio-mmio devices must reach the kernel command line
+
+
+def test_rootfs_is_attached_read_only() -> None:
+    """One rootfs image serves all VMs, so QEMU must open it read-only."""
+    drives = option_after(qemu_argv(spec(), PATHS, "tcg"), "-drive")
+    assert drives == ["id=root,file=/r/rootfs.ext4,format=raw,if=none,readonly=on"]
+
+
+def test_no_workspace_means_no_virtiofs_and_plain_ram() -> None:
+    """Without a workspace there is no vhost-user-fs device and no memfd backend."""
+    argv = qemu_argv(spec(), PATHS, "tcg")
+    assert not any("vhost-user-fs" in a for a in argv)
+    assert not any("memory-backend" in a for a in argv)
+
+
+def test_floor_vm_has_only_kernel_console_and_qmp() -> None:
+    """The floor/probe VM boots the kernel and init only: no disks, no agent, no share."""
+    argv = qemu_argv(spec(workspace=Path("/w")), PATHS, "kvm", floor=True)
+    assert option_after(argv, "-device") == []
+    assert "kataci.mode=floor" in option_after(argv, "-append")[0]
+
+
+def test_accel_kvm_vs_tcg() -> None:
+    """KVM uses the host CPU model; TCG uses multi-threaded TCG with the 'max' CPU."""
+    kvm = qemu_argv(spec(), PATHS, "kvm")
+    tcg = qemu_argv(spec(vcpus=2), PATHS, "tcg")
+    assert option_after(kvm, "-accel") == ["kvm"] and option_after(kvm, "-cpu") == ["host"]
+    assert option_after(tcg, "-accel") == ["tcg,thread=multi"]
+    assert option_after(tcg, "-cpu") == ["max"]
+    assert option_after(qemu_argv(spec(vcpus=1), PATHS, "tcg"), "-accel") == ["tcg,thread=single"]
+
+
+def test_agent_port_is_a_named_virtserialport_on_a_server_socket() -> None:
+    """The guest finds the agent port by name; the host connects to QEMU's socket later."""
+    argv = qemu_argv(spec(), PATHS, "tcg")
+    assert ("socket,id=agent,path=/run/kata-ci/abc123/agent.sock,server=on,wait=off"
+            in option_after(argv, "-chardev"))
+    assert ("virtserialport,chardev=agent,name=kataci.agent,id=agentport"
+            in option_after(argv, "-device"))
+
+
+def test_workdir_with_spaces_is_percent_encoded_on_cmdline() -> None:
+    """The kernel splits its command line on spaces: the workdir is percent-encoded."""
+    line = kernel_cmdline(spec(workspace=Path("/home/me/my project%")))
+    assert "kataci.workdir=/home/me/my%20project%25" in line.split()
+
+
+def test_kernel_cmdline_reboot_ends_vm() -> None:
+    """reboot=t with -no-reboot makes a guest power-off end the QEMU process."""
+    argv = qemu_argv(spec(), PATHS, "tcg")
+    assert "-no-reboot" in argv
+    assert "reboot=t" in option_after(argv, "-append")[0].split()
+
+
+def test_virtiofsd_shares_only_the_workspace_in_a_sandbox() -> None:
+    """virtiofsd exports exactly the workspace, pivot_root-sandboxed so symlinks cannot escape."""
+    argv = virtiofsd_argv(spec(workspace=Path("/w/s")), PATHS)
+    assert "source=/w/s" in argv and "sandbox=namespace" in argv
+    assert "--socket-path=/run/kata-ci/abc123/fs.sock" in argv
