@@ -110,7 +110,7 @@ class AgentClient:
             channel.target(),
             options=[("grpc.enable_retries", 0), ("grpc.max_receive_message_length", 8 << 20)],
         )
-        self._stub = pb_grpc.AgentStub(self._grpc)
+        self._stub = pb_grpc.AgentStub(self._grpc)  # type: ignore[no-untyped-call]
 
     def health(self, timeout: float) -> pb.HealthResponse:
         try:

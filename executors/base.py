@@ -31,6 +31,7 @@ class VMSpec:
     network: Literal["none"] = "none"  # only isolation so far; no NIC at all
     overlay_size: str = "50%"  # tmpfs upper layer over the read-only rootfs
     extra_kernel_args: tuple[str, ...] = field(default=())
+    extra_qemu_args: tuple[str, ...] = field(default=())  # operators' escape hatch; bench uses it
 
     @property
     def workdir(self) -> str | None:

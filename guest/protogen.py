@@ -40,7 +40,8 @@ def main() -> int:
             stale = [n for n in GENERATED
                      if (Path(tmp) / n).read_bytes() != (HERE / n).read_bytes()]
         if stale:
-            print(f"stale generated stubs: {', '.join(stale)}; run python -m kata_ci.guest.protogen")
+            print(f"stale generated stubs: {', '.join(stale)}; "
+                  "run python -m kata_ci.guest.protogen")
             return 1
         return 0
     generate(HERE)

@@ -97,7 +97,8 @@ def _compile_for_guest(src: Path, rel: str, tmp: Path, guest_python: str) -> Pat
     tag = sys.implementation.cache_tag
     target = tmp / f"{Path(rel).stem}.{tag}.pyc"
     py_compile.compile(str(src), cfile=str(target), dfile=f"/opt/kata-ci/agent/{rel}",
-                       doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+                       doraise=True,
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
     return target
 
 
@@ -108,14 +109,17 @@ def _add_parents(writer: CpioWriter, rel: str) -> None:
 
 
 class CpioWriter:
-    """Minimal writer of the newc format the kernel unpacks (Documentation/driver-api/early-userspace)."""
+    """Minimal writer of the newc format the kernel unpacks
+    (Documentation/driver-api/early-userspace/buffer-format.rst)."""
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.seen: set[str] = set()
         self.ino = 1
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         if name in self.seen:
             return
         self.seen.add(name)

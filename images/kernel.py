@@ -93,7 +93,7 @@ def build_kernel(cache: Path, progress: Progress, jobs: int | None = None) -> Ar
     run_step(["tar", "-xf", SOURCE_TARBALL, "-C", tree, "--strip-components=1"],
              log, progress, "kernel: unpack source")
     jobs = jobs or os.cpu_count() or 1
-    make = ["make", "-C", tree, f"-j{jobs}"]
+    make: list[str | Path] = ["make", "-C", tree, f"-j{jobs}"]
     run_step([*make, "tinyconfig"], log, progress, "kernel: tinyconfig")
     run_step([tree / "scripts/kconfig/merge_config.sh", "-m", "-O", tree, tree / ".config",
               *fragments()], log, progress, "kernel: merge fragments", cwd=tree)

@@ -76,7 +76,8 @@ def build_rootfs(cache: Path, progress: Progress, mirror: str | None = None) -> 
         progress(f"rootfs {key}: cached")
         return _artifact(out, key)
     if shutil.which("debootstrap") is None or shutil.which("mkfs.ext4") is None:
-        raise BuildError("debootstrap and mkfs.ext4 are needed: apt-get install debootstrap e2fsprogs")
+        raise BuildError(
+            "debootstrap and mkfs.ext4 are needed: apt-get install debootstrap e2fsprogs")
     if os.geteuid() != 0:
         raise BuildError("building the rootfs needs root (debootstrap chroots)")
     fresh_dir(out)

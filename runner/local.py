@@ -119,7 +119,7 @@ def run_local(job: LocalRun, sink: LogSink, notify: Notify) -> Outcome:
             vm.kill()
 
 
-class _terminate_as_interrupt:  # noqa: N801 - used as a context manager
+class _terminate_as_interrupt:
     """SIGTERM/SIGHUP (a CI system cancelling us, a closed terminal) cancel like Ctrl-C."""
 
     def __enter__(self) -> None:

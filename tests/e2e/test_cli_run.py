@@ -121,8 +121,8 @@ def test_two_runs_at_once_do_not_collide(tmp_path: Path, cli_env: dict[str, str]
 
 def test_rootfs_writes_do_not_survive_the_vm(tmp_path: Path, cli_env: dict[str, str]) -> None:
     """A job writing into /usr leaves nothing for the next VM (throw-away overlay)."""
-    first = kata_ci_run(["--", "sh", "-c", "echo x > /usr/kata-ci-marker && cat /usr/kata-ci-marker"],
-                        cli_env, tmp_path)
+    write = "echo x > /usr/kata-ci-marker && cat /usr/kata-ci-marker"
+    first = kata_ci_run(["--", "sh", "-c", write], cli_env, tmp_path)
     assert first.returncode == 0 and first.stdout == b"x\n", first.stderr
     second = kata_ci_run(["--", "test", "!", "-e", "/usr/kata-ci-marker"], cli_env, tmp_path)
     assert second.returncode == 0, second.stderr

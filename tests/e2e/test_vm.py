@@ -12,7 +12,6 @@ import pytest
 
 from kata_ci.executors.qemu.backend import QemuVM
 from kata_ci.images.artifacts import Manifest
-from tests.e2e.conftest import VMFactory
 
 ENV = {"PATH": "/usr/bin:/bin"}
 

@@ -16,7 +16,8 @@ from kata_ci.images.kernel import dropped_options, fragments, requested_options
 
 def parse_newc(data: bytes) -> dict[str, tuple[int, bytes, int]]:
     """name -> (mode, content, rdevmajor<<8|rdevminor), as the kernel's unpacker reads it."""
-    entries, offset = {}, 0
+    entries: dict[str, tuple[int, bytes, int]] = {}
+    offset = 0
     while True:
         header = data[offset:offset + 110]
         assert header[:6] == b"070701"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Everything kata-ci needs on a fresh Debian 12 machine, as root: Debian packages, a virtualenv
+# with kata-ci and its dev tools, and the guest images (kernel ~6 min, rootfs ~2 min the first
+# time; reused from ~/.cache/kata-ci afterwards, keyed by a hash of their inputs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  qemu-system-x86                                       # QEMU with microvm + virtiofsd
+  linux-source-6.1 build-essential flex bison bc libelf-dev  # guest kernel build (+ init.c)
+  debootstrap e2fsprogs xz-utils                        # guest rootfs
+  python3 python3-venv python3-dev ca-certificates
+)
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "kata-ci setup: installing ${missing[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/kata-ci images build
