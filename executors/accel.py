@@ -72,7 +72,10 @@ def choose(preference: str, manifest: Manifest, cache: Path, run_root: Path) -> 
         pass
     decision = probe(manifest, run_root)
     cache.mkdir(parents=True, exist_ok=True)
-    verdict.write_text(json.dumps({"key": key, **asdict(decision), "fresh": False}))
+    # Atomic: two first runs on a host may probe at once; the last verdict written wins whole.
+    tmp = verdict.with_name(f"{VERDICT_FILE}.{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, **asdict(decision), "fresh": False}))
+    os.replace(tmp, verdict)
     return decision
 
 

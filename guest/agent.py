@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -144,8 +145,6 @@ def _stream_output(proc: subprocess.Popen[bytes]) -> Iterator[pb.ExecEvent]:
     for fd in streams:
         with contextlib.suppress(OSError):  # capped by /proc/sys/fs/pipe-max-size
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, READ_CHUNK)
-    import select
-
     poller = select.poll()
     for fd in streams:
         poller.register(fd, select.POLLIN)

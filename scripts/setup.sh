@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
   qemu-system-x86                                       # QEMU with microvm + virtiofsd
-  linux-source-6.1 build-essential flex bison bc libelf-dev  # guest kernel build (+ init.c)
+  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev  # kernel, init.c
   debootstrap e2fsprogs xz-utils                        # guest rootfs
   python3 python3-venv python3-dev ca-certificates
 )

@@ -87,7 +87,8 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False) -
     memory-backend whenever a workspace is shared.
     """
     mem = f"{spec.memory_mib}M"
-    machine = "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off"
+    # rtc=on: the guest starts with the right second (Health then sets it to the millisecond).
+    machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off"
     argv = [QEMU, "-name", f"kata-ci,process=kata-ci-vm-{paths.root.name}",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             *accel_args(accel, spec.vcpus),

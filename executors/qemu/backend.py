@@ -63,11 +63,13 @@ class QemuVM(VM):
         self._lock = threading.Lock()
         self._killed = False
         self._saved_diagnostics = ""
+        self._boot_timeout = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float) -> BootTimes:
         started = time.monotonic()
         deadline = started + timeout
+        self._boot_timeout = timeout
         self.paths.root.mkdir(parents=True, mode=0o700)
         if self.spec.workspace is not None and not self.floor:
             self._virtiofsd = self._spawn(virtiofsd_argv(self.spec, self.paths),
@@ -175,7 +177,8 @@ class QemuVM(VM):
         while not path.exists():
             self.check()
             if time.monotonic() > deadline:
-                raise SystemFailure(f"timed out waiting for {what}", self.diagnostics())
+                raise SystemFailure(f"no {what} within {self._boot_timeout:g}s",
+                                    self.diagnostics())
             time.sleep(0.005)
 
     def _wait_agent_port(self, deadline: float) -> None:
@@ -190,8 +193,8 @@ class QemuVM(VM):
             while True:
                 self.check()
                 if time.monotonic() > deadline:
-                    raise SystemFailure("guest agent did not open its channel in time",
-                                        self.diagnostics())
+                    raise SystemFailure(f"guest agent did not open its channel within "
+                                        f"{self._boot_timeout:g}s", self.diagnostics())
                 try:
                     event = qmp.pull_event(wait=0.1)
                 except TimeoutError:

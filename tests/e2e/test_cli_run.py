@@ -162,3 +162,26 @@ def test_100mb_of_output_arrives_complete_with_bounded_memory(
     assert (total, digest.hexdigest()) == (size, expected)
     assert 0 < peak[0] < 200 * 1024, f"kata-ci peak RSS {peak[0]} KiB"  # far below 100 MB + base
     assert leftovers(cli_env) == []
+
+
+def test_virtiofsd_dying_is_a_system_failure(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The workspace file server dying under a job ends it as a system failure (125), cleanly."""
+    proc = start(["--", "sh", "-c", "echo ready; sleep 600"], cli_env, tmp_path)
+    wait_for_line(proc, b"ready")
+    record = next(Path(cli_env["KATA_CI_RUN_DIR"]).glob("*/vm.json"))
+    os.kill(json.loads(record.read_text())["virtiofsd"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 125, err
+    assert b"system failure" in err
+    assert leftovers(cli_env) == []
+
+
+def test_agent_missing_its_deadline_is_a_system_failure(
+        tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """A guest agent that does not answer within boot_timeout: 125, console tail, no leftovers."""
+    config = tmp_path / "config.toml"
+    config.write_text("[vm]\nboot_timeout = 0.5\n")
+    result = kata_ci_run(["--config", str(config), "--", "true"], cli_env, tmp_path)
+    assert result.returncode == 125, result.stderr
+    assert b"system failure" in result.stderr and b"within 0.5s" in result.stderr
+    assert leftovers(cli_env) == []

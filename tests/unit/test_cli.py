@@ -54,3 +54,13 @@ def test_malformed_config(tmp_path: Path) -> None:
     result = run(["run", "--config", str(config), "--", "true"], tmp_path)
     assert result.returncode == 2
     assert str(config) in result.stderr and "vm.vcpus must be int" in result.stderr
+
+
+def test_doctor_names_what_to_install(tmp_path: Path) -> None:
+    """Without QEMU on PATH, doctor fails and says which Debian package to install."""
+    bin_dir = Path(sys.executable).parent
+    result = run(["doctor"], tmp_path, PATH=str(bin_dir), KATA_CI_CACHE=str(tmp_path / "c"),
+                 COLUMNS="200")
+    assert result.returncode == 1
+    assert "apt-get install qemu-system-x86" in result.stdout
+    assert "kata-ci images build" in result.stdout
