@@ -49,14 +49,22 @@ class VMPaths:
         return self.root / "virtiofsd.log"
 
 
-def kernel_cmdline(spec: VMSpec, floor: bool = False) -> str:
-    """Guest kernel command line. Only kataci.* options for our init; never secrets."""
+def kernel_cmdline(spec: VMSpec, floor: bool = False, tsc_khz: int | None = None) -> str:
+    """Guest kernel command line. Only kataci.* options for our init; never secrets.
+
+    ``tsc_khz``: under TCG the guest's RDTSC reads the host TSC, but microvm offers the kernel
+    nothing to calibrate it against (no PIT speaker port, HPET or ACPI PM timer), so without
+    the frequency the guest falls back to the jiffies clocksource: 4 ms clock resolution and
+    no vDSO clock_gettime for every job.
+    """
     words = [
         "console=ttyS0", "quiet", "loglevel=4",
         # reboot=t + QEMU -no-reboot: a guest reboot ends the VM process (no ACPI needed).
         "reboot=t", "panic=-1",
         "8250.nr_uarts=1", "tsc=reliable", "no_timer_check", "random.trust_cpu=on",
     ]
+    if tsc_khz:
+        words.append(f"tsc_early_khz={tsc_khz}")
     if floor:
         words.append("kataci.mode=floor")
     else:
@@ -79,7 +87,8 @@ def accel_args(accel: Accel, vcpus: int) -> list[str]:
     return ["-accel", f"tcg,thread={thread}", "-cpu", "max"]
 
 
-def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False) -> list[str]:
+def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False,
+              tsc_khz: int | None = None) -> list[str]:
     """The QEMU command line for one microVM.
 
     microvm: no PCI, no firmware, no ACPI; virtio-mmio devices announced on the kernel command
@@ -101,7 +110,7 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False) -
         # Modern virtio over mmio: vhost-user (virtiofsd) refuses legacy devices.
         "-global", "virtio-mmio.force-legacy=false",
         "-kernel", str(spec.kernel), "-initrd", str(spec.initramfs),
-        "-append", kernel_cmdline(spec, floor),
+        "-append", kernel_cmdline(spec, floor, tsc_khz if accel == "tcg" else None),
         "-chardev", f"file,id=console,path={paths.console}", "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",

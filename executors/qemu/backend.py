@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -37,6 +38,24 @@ def _die_with_parent() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@functools.cache
+def host_tsc_khz() -> int | None:
+    """The host TSC frequency, when the host has a constant TSC whose rate it knows.
+
+    TCG guests read the host TSC; they need this number to use it as their clocksource.
+    """
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
+    mhz = next((line.split(":")[1] for line in info.splitlines() if line.startswith("cpu MHz")),
+               "")
+    if "constant_tsc" not in flags or "tsc_known_freq" not in flags or not mhz.strip():
+        return None
+    return round(float(mhz) * 1000)
 
 
 def tail(path: Path, lines: int) -> str:
@@ -75,8 +94,8 @@ class QemuVM(VM):
             self._virtiofsd = self._spawn(virtiofsd_argv(self.spec, self.paths),
                                           self.paths.virtiofsd_log)
             self._wait_for(self.paths.virtiofs, deadline, "virtiofsd socket")
-        self._qemu = self._spawn(qemu_argv(self.spec, self.paths, self.accel, self.floor),
-                                 self.paths.qemu_log)
+        argv = qemu_argv(self.spec, self.paths, self.accel, self.floor, host_tsc_khz())
+        self._qemu = self._spawn(argv, self.paths.qemu_log)
         self._record()
         if self.floor:
             return self._wait_floor(started, deadline)
@@ -182,19 +201,29 @@ class QemuVM(VM):
             time.sleep(0.005)
 
     def _wait_agent_port(self, deadline: float) -> None:
-        """Wait for the guest to open the agent port (QMP VSERPORT_CHANGE).
+        """Wait for the guest to open the agent port.
 
         Bytes sent before the guest opens its end are dropped by the guest driver, so the
-        host must not connect before this event.
+        host must not connect before. QMP says when: the VSERPORT_CHANGE event, and
+        ``frontend-open`` in query-chardev. Both are used, because events emitted before our
+        QMP negotiation finished are not delivered (a host stalled under load would miss it).
         """
         qmp = QEMUMonitorProtocol(str(self.paths.qmp))
         try:
             qmp.connect(negotiate=True)
+            next_query = 0.0
             while True:
                 self.check()
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise SystemFailure(f"guest agent did not open its channel within "
                                         f"{self._boot_timeout:g}s", self.diagnostics())
+                if now >= next_query:
+                    chardevs: list[dict[str, object]] = qmp.cmd("query-chardev")  # type: ignore[assignment]
+                    if any(c.get("label") == "agent" and c.get("frontend-open")
+                           for c in chardevs):
+                        return
+                    next_query = now + 1.0
                 try:
                     event = qmp.pull_event(wait=0.1)
                 except TimeoutError:

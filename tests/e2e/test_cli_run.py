@@ -111,9 +111,9 @@ def test_two_runs_at_once_do_not_collide(tmp_path: Path, cli_env: dict[str, str]
         d.mkdir()
         (d / "name").write_text(d.name)
         procs.append(start(["--", "sh", "-c", "sleep 2; cp name copy; ls"], cli_env, d))
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0]
-    for d, out in zip(dirs, outs, strict=True):
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+    for d, (out, _) in zip(dirs, results, strict=True):
         assert (d / "copy").read_text() == d.name
         assert sorted(out.split()) == [b"copy", b"name"]
     assert leftovers(cli_env) == []

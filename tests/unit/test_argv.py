@@ -87,3 +87,12 @@ def test_virtiofsd_shares_only_the_workspace_in_a_sandbox() -> None:
     argv = virtiofsd_argv(spec(workspace=Path("/w/s")), PATHS)
     assert "source=/w/s" in argv and "sandbox=namespace" in argv
     assert "--socket-path=/run/kata-ci/abc123/fs.sock" in argv
+
+
+def test_tcg_guest_gets_the_host_tsc_rate_kvm_does_not() -> None:
+    """Under TCG the TSC rate is passed so the guest can use it as clocksource; KVM has
+    kvmclock and must not be given a rate."""
+    tcg = option_after(qemu_argv(spec(), PATHS, "tcg", tsc_khz=2445404), "-append")[0]
+    kvm = option_after(qemu_argv(spec(), PATHS, "kvm", tsc_khz=2445404), "-append")[0]
+    assert "tsc_early_khz=2445404" in tcg.split()
+    assert "tsc_early_khz" not in kvm
