@@ -16,6 +16,7 @@ from rich.table import Table
 
 from kata_ci import __version__, paths
 from kata_ci.errors import KataCIError, UserError
+from kata_ci.images.artifacts import Manifest
 from kata_ci.runner import config as config_mod
 from kata_ci.runner.job import OutcomeKind
 
@@ -111,10 +112,10 @@ def images_show() -> None:
         _fail(exc, 1)
 
 
-def _show_manifest(manifest: object) -> None:
+def _show_manifest(manifest: Manifest) -> None:
     table = Table("image", "key", "detail", "path")
-    for name in ("kernel", "rootfs", "initramfs"):
-        art = getattr(manifest, name)
+    for name, art in (("kernel", manifest.kernel), ("rootfs", manifest.rootfs),
+                      ("initramfs", manifest.initramfs)):
         table.add_row(name, art.key, art.detail, art.path)
     Console().print(table)
 

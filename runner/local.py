@@ -6,17 +6,19 @@ CLEANUP. Every way out goes through CLEANUP; every ending is an Outcome.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from kata_ci import paths
 from kata_ci.errors import SystemFailure, UserError
-from kata_ci.executors.accel import AccelDecision, choose
+from kata_ci.executors.accel import choose
 from kata_ci.executors.agent_client import StreamName
 from kata_ci.executors.base import VMSpec
 from kata_ci.executors.qemu.backend import QemuBackend, reap_orphans
@@ -79,7 +81,7 @@ def check_workspace(path: Path) -> Path:
     return resolved
 
 
-def acquire(config: Config, notify: Notify) -> tuple[QemuBackend, VMSpec, AccelDecision]:
+def acquire(config: Config, notify: Notify) -> tuple[QemuBackend, VMSpec]:
     """Images, acceleration, and the orphans of earlier runs that were killed outright."""
     cache = paths.cache_dir()
     manifest = load_current(cache)
@@ -93,13 +95,12 @@ def acquire(config: Config, notify: Notify) -> tuple[QemuBackend, VMSpec, AccelD
     spec = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
                   rootfs=Path(manifest.rootfs.path), vcpus=config.vm.vcpus,
                   memory_mib=config.vm.memory_mib)
-    return QemuBackend(decision.accel, run_root), spec, decision
+    return QemuBackend(decision.accel, run_root), spec
 
 
 def run_local(job: LocalRun, sink: LogSink, notify: Notify) -> Outcome:
-    backend, base, _ = acquire(job.config, notify)
-    spec = VMSpec(kernel=base.kernel, initramfs=base.initramfs, rootfs=base.rootfs,
-                  vcpus=base.vcpus, memory_mib=base.memory_mib, workspace=job.workspace)
+    backend, base = acquire(job.config, notify)
+    spec = dataclasses.replace(base, workspace=job.workspace)
     vm = backend.create(spec)
     with _terminate_as_interrupt():
         try:
@@ -119,16 +120,16 @@ def run_local(job: LocalRun, sink: LogSink, notify: Notify) -> Outcome:
             vm.kill()
 
 
-class _terminate_as_interrupt:
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM/SIGHUP (a CI system cancelling us, a closed terminal) cancel like Ctrl-C."""
 
-    def __enter__(self) -> None:
-        self.saved = {s: signal.signal(s, self._raise) for s in (signal.SIGTERM, signal.SIGHUP)}
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self.saved.items():
-            signal.signal(signum, handler)
-
-    @staticmethod
-    def _raise(signum: int, frame: FrameType | None) -> None:
+    def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
+
+    saved = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
