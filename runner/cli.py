@@ -134,5 +134,14 @@ def doctor() -> None:
     sys.exit(1 if any(c.status == "fail" for c in checks) else 0)
 
 
+def _register_queue_commands() -> None:
+    from kata_ci.runner.cli_queue import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_queue_commands()
+
 if __name__ == "__main__":
     main()

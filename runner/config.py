@@ -65,9 +65,26 @@ class ImagesConfig:
 
 
 @dataclass(frozen=True)
+class QueueConfig:
+    """The daemon: broker, what this worker serves, how many VMs at once, limits."""
+
+    broker: str = "redis://127.0.0.1:6379/0"
+    labels: list[str] = field(default_factory=lambda: ["default"])
+    concurrency: int = 1
+    max_job_timeout: float = 6 * 3600.0
+    log_limit_mib: int = 16
+
+
+LABEL_SIZE_KEYS = ("vcpus", "memory_mib")
+
+
+@dataclass(frozen=True)
 class Config:
     vm: VMConfig = field(default_factory=VMConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    # Per-label VM size: [labels.big] vcpus = 4, memory_mib = 8192
+    labels: dict[str, dict[str, int]] = field(default_factory=dict)
     source: str = "defaults"
 
     def with_vm(self, **overrides: Any) -> Config:
@@ -96,14 +113,31 @@ def load(path: Path | None = None) -> Config:
         return Config()
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"config file {path}: {exc}") from None
-    sections: dict[str, type[Any]] = {"vm": VMConfig, "images": ImagesConfig}
-    unknown = set(raw) - set(sections)
+    sections: dict[str, type[Any]] = {"vm": VMConfig, "images": ImagesConfig,
+                                      "queue": QueueConfig}
+    unknown = set(raw) - set(sections) - {"labels"}
     if unknown:
         raise UserError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
     built = {name: _section(path, name, cls, raw.get(name, {})) for name, cls in sections.items()}
-    config = Config(vm=built["vm"], images=built["images"], source=str(path))
+    config = Config(vm=built["vm"], images=built["images"], queue=built["queue"],
+                    labels=_labels(path, raw.get("labels", {})), source=str(path))
     config.vm.validate(str(path))
     return config
+
+
+def _labels(path: Path, table: Any) -> dict[str, dict[str, int]]:
+    if not isinstance(table, dict):
+        raise UserError(f"{path}: [labels] must hold tables like [labels.big]")
+    sizes: dict[str, dict[str, int]] = {}
+    for label, size in table.items():
+        if not isinstance(size, dict) or set(size) - set(LABEL_SIZE_KEYS):
+            raise UserError(f"{path}: [labels.{label}] may set only {', '.join(LABEL_SIZE_KEYS)}")
+        for key, value in size.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UserError(f"{path}: labels.{label}.{key} must be int")
+        VMConfig(**size).validate(f"{path}: [labels.{label}]")
+        sizes[label] = dict(size)
+    return sizes
 
 
 def _section(path: Path, name: str, cls: type[Any], table: Any) -> Any:

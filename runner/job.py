@@ -14,7 +14,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -112,7 +112,10 @@ class Canceller:
             self.vm.kill()
 
 
-def run_job(vm: VM, request: JobRequest, sink: LogSink) -> Outcome:
+def run_job(vm: VM, request: JobRequest, sink: LogSink,
+            cancel_requested: Callable[[], bool] | None = None) -> Outcome:
+    """Run the request to its end. ``cancel_requested`` is polled about twice a second (the
+    daemon asks Redis); Ctrl-C (KeyboardInterrupt) cancels too."""
     stream = vm.agent.exec(request.argv, request.env, request.cwd)
     done = threading.Event()
     failure: list[SystemFailure] = []
@@ -131,13 +134,19 @@ def run_job(vm: VM, request: JobRequest, sink: LogSink) -> Outcome:
     threading.Thread(target=pump, name="kata-ci-output", daemon=True).start()
     canceller = Canceller(vm, stream.exec_id, request.grace, done)
     deadline = time.monotonic() + request.timeout if request.timeout else math.inf
+    next_poll = 0.0
     while not done.is_set():
         try:
             done.wait(0.1)
             if done.is_set() or canceller.reason is not None:
                 continue
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 canceller.cancel(OutcomeKind.TIMEOUT)
+            elif cancel_requested is not None and now >= next_poll:
+                next_poll = now + 0.5
+                if cancel_requested():
+                    canceller.cancel(OutcomeKind.CANCELLED)
             vm.check()
         except KeyboardInterrupt:
             if not canceller.cancel(OutcomeKind.CANCELLED):

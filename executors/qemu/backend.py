@@ -280,7 +280,7 @@ def reap_orphans(run_root: Path) -> list[str]:
             record = json.loads((vm_dir / RECORD).read_text())
         except (OSError, ValueError):
             continue
-        if _alive(record.get("owner")):
+        if pid_alive(record.get("owner")):
             continue
         for key in ("qemu", "virtiofsd"):
             pid = record.get(key)
@@ -293,7 +293,7 @@ def reap_orphans(run_root: Path) -> list[str]:
     return reaped
 
 
-def _alive(pid: object) -> bool:
+def pid_alive(pid: object) -> bool:
     if not isinstance(pid, int):
         return False
     try:

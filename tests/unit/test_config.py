@@ -64,3 +64,20 @@ def test_bad_flag_values_are_rejected(tmp_path: Path) -> None:
     """A bad value given as a flag is reported as coming from the command line."""
     with pytest.raises(UserError, match="command line: timeout must be >= 0"):
         load(write(tmp_path, "")).with_vm(timeout=-1)
+
+
+def test_queue_and_label_sizes(tmp_path: Path) -> None:
+    """[queue] configures the daemon; [labels.NAME] sizes the VMs of jobs with that label."""
+    cfg = load(write(tmp_path, '[queue]\nbroker = "redis://h:1/2"\nlabels = ["big", "x"]\n'
+                               'concurrency = 2\n[labels.big]\nvcpus = 4\nmemory_mib = 4096\n'))
+    assert (cfg.queue.broker, cfg.queue.labels, cfg.queue.concurrency) == (
+        "redis://h:1/2", ["big", "x"], 2)
+    assert cfg.labels == {"big": {"vcpus": 4, "memory_mib": 4096}}
+
+
+def test_bad_label_size(tmp_path: Path) -> None:
+    """A label table with an unknown key or an invalid size is refused, naming the label."""
+    with pytest.raises(UserError, match=r"\[labels\.big\] may set only"):
+        load(write(tmp_path, "[labels.big]\ndisk = 3\n"))
+    with pytest.raises(UserError, match=r"\[labels\.big\].*memory_mib must be between"):
+        load(write(tmp_path, "[labels.big]\nmemory_mib = 1\n"))

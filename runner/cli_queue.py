@@ -1,0 +1,165 @@
+"""Queue commands: ``kata-ci worker``, ``submit``, ``jobs``, ``logs``, ``cancel``.
+
+``submit`` exits like ``run``: the job's status, 124 timeout, 125 system failure, 130
+cancelled (Ctrl-C while following cancels the job), 2 bad input (nothing was queued).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from kata_ci.errors import UserError
+from kata_ci.runner import config as config_mod
+from kata_ci.runner.job import EXIT_CANCELLED, EXIT_SYSTEM_FAILURE, EXIT_TIMEOUT
+from kata_ci.runner.jobstore import FINAL, JobStore
+
+err = Console(stderr=True, highlight=False)
+EXIT_USAGE = 2
+FINAL_STATUS = {"timeout": EXIT_TIMEOUT, "cancelled": EXIT_CANCELLED,
+                "system_failure": EXIT_SYSTEM_FAILURE, "success": 0}
+config_option = click.option("--config", "config_path", type=click.Path(path_type=Path),
+                             help="TOML config file (default: ~/.config/kata-ci/config.toml).")
+
+
+def _store(config_path: Path | None) -> tuple[config_mod.Config, JobStore]:
+    cfg = config_mod.load(config_path)
+    return cfg, JobStore.connect(cfg.queue.broker, cfg.queue.log_limit_mib << 20)
+
+
+def _usage_errors(func: click.decorators.FC) -> click.decorators.FC:
+    """UserError -> one red line and exit 2, for every queue command."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            err.print(f"[bold red]kata-ci:[/] {exc}", soft_wrap=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.command()
+@click.option("-l", "--label", "labels", multiple=True, help="Label to serve (repeatable).")
+@click.option("-c", "--concurrency", type=int, help="VMs this host may run at once.")
+@config_option
+@_usage_errors
+def worker(labels: tuple[str, ...], concurrency: int | None, config_path: Path | None) -> None:
+    """Consume jobs from the queue and run each in a fresh microVM."""
+    from kata_ci.runner.daemon import start_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = config_mod.load(config_path)
+    count = concurrency or cfg.queue.concurrency
+    if count < 1:
+        raise UserError(f"concurrency must be >= 1, not {count}")
+    start_worker(cfg, list(labels) or cfg.queue.labels, count)
+
+
+@click.command()
+@click.option("-C", "--workspace", type=click.Path(path_type=Path), default=".",
+              show_default=True, help="Directory packed and shipped with the job.")
+@click.option("--label", default="default", show_default=True, help="Route to workers of it.")
+@click.option("--timeout", type=float, help="Seconds before the job is stopped.")
+@click.option("--detach", is_flag=True, help="Print the job id and return at once.")
+@config_option
+@click.argument("command", nargs=-1, required=True)
+@_usage_errors
+def submit(workspace: Path, label: str, timeout: float | None, detach: bool,
+           config_path: Path | None, command: tuple[str, ...]) -> None:
+    """Queue COMMAND as a job and follow its log: kata-ci submit -- make test"""
+    from kata_ci.runner.daemon import TASK, make_app, pack, queue_name
+    from kata_ci.runner.local import check_workspace
+
+    cfg, store = _store(config_path)
+    limit = cfg.queue.max_job_timeout
+    timeout = cfg.vm.timeout if timeout is None else timeout
+    if not 0 <= timeout <= limit:
+        raise UserError(f"--timeout must be between 0 and the max job timeout {limit:g}s")
+    job = store.create(command, label, timeout or limit, pack(check_workspace(workspace)))
+    make_app(cfg.queue.broker, limit).send_task(TASK, args=[job.id], queue=queue_name(label))
+    if detach:
+        click.echo(job.id)
+        return
+    err.print(f"[dim]kata-ci: job {job.id} queued for label {label!r}[/]")
+    sys.exit(_follow(store, job.id, cancel_on_interrupt=True))
+
+
+@click.command()
+@click.option("-n", "--count", type=int, default=20, show_default=True)
+@config_option
+@_usage_errors
+def jobs(count: int, config_path: Path | None) -> None:
+    """Recent jobs with their state."""
+    _, store = _store(config_path)
+    table = Table("id", "state", "label", "created", "duration", "command")
+    for job in store.recent(count):
+        created = datetime.datetime.fromtimestamp(job.created_at).strftime("%Y-%m-%d %H:%M:%S")
+        end = job.finished_at or (time.time() if job.started_at else None)
+        took = f"{end - job.started_at:.1f}s" if end and job.started_at else ""
+        state = job.state + (f" ({job.exit_code})" if job.exit_code not in (None, 0) else "")
+        table.add_row(job.id, state, job.label, created, took, " ".join(job.argv))
+    Console().print(table)
+
+
+@click.command()
+@click.argument("job_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@config_option
+@_usage_errors
+def logs(job_id: str, follow: bool, config_path: Path | None) -> None:
+    """Print a job's log (stdout to stdout, stderr and kata-ci notes to stderr)."""
+    _, store = _store(config_path)
+    store.get(job_id)
+    if follow:
+        sys.exit(_follow(store, job_id, cancel_on_interrupt=False))
+    for stream, data in store.read_log(job_id):
+        _write(stream, data)
+
+
+@click.command()
+@click.argument("job_id")
+@config_option
+@_usage_errors
+def cancel(job_id: str, config_path: Path | None) -> None:
+    """Cancel a job: SIGTERM in the guest, grace period, then the VM is killed."""
+    _, store = _store(config_path)
+    click.echo(f"{job_id}: {store.request_cancel(job_id)}")
+
+
+def _write(stream: str, data: bytes) -> None:
+    target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+    target.write(data)
+    target.flush()
+
+
+def _follow(store: JobStore, job_id: str, cancel_on_interrupt: bool) -> int:
+    try:
+        for stream, data in store.read_log(job_id, follow=True):
+            _write(stream, data)
+    except KeyboardInterrupt:
+        if not cancel_on_interrupt:
+            return EXIT_CANCELLED
+        err.print(f"kata-ci: cancelling job {job_id}")
+        store.request_cancel(job_id)
+        while store.get(job_id).state not in FINAL:
+            time.sleep(0.2)
+    job = store.get(job_id)
+    if job.state != "success":
+        err.print(f"[bold yellow]kata-ci:[/] job {job_id} {job.state}: {job.message}")
+    if job.state == "failed":
+        return job.exit_code if job.exit_code is not None else 1
+    return FINAL_STATUS[job.state]
+
+
+COMMANDS = (worker, submit, jobs, logs, cancel)
