@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from kombu import Connection
+from kombu.connection import Connection
 
 from kata_ci.runner.daemon import TASK, make_app, queue_name
 from kata_ci.runner.jobstore import FINAL, JobStore
@@ -217,7 +217,7 @@ def test_malformed_messages_are_rejected_and_the_worker_goes_on(
     app = make_app(server.url, 3600)
     app.send_task(TASK, args=[{"not": "an id"}], queue=queue_name("default"))
     app.send_task(TASK, args=["0123456789abcdef"], queue=queue_name("default"))
-    with Connection(server.url) as conn:
+    with Connection(server.url) as conn:  # type: ignore[no-untyped-call]
         conn.SimpleQueue(queue_name("default")).put(
             b"\x80not json", content_type="application/x-python-serialize",
             content_encoding="binary")
