@@ -72,10 +72,12 @@ def worker(labels: tuple[str, ...], concurrency: int | None, config_path: Path |
 @click.option("--label", default="default", show_default=True, help="Route to workers of it.")
 @click.option("--timeout", type=float, help="Seconds before the job is stopped.")
 @click.option("--detach", is_flag=True, help="Print the job id and return at once.")
+@click.option("--retry", is_flag=True,
+              help="Run again once if the worker dies mid-job (else: system failure).")
 @config_option
 @click.argument("command", nargs=-1, required=True)
 @_usage_errors
-def submit(workspace: Path, label: str, timeout: float | None, detach: bool,
+def submit(workspace: Path, label: str, timeout: float | None, detach: bool, retry: bool,
            config_path: Path | None, command: tuple[str, ...]) -> None:
     """Queue COMMAND as a job and follow its log: kata-ci submit -- make test"""
     from kata_ci.runner.daemon import TASK, make_app, pack, queue_name
@@ -86,7 +88,8 @@ def submit(workspace: Path, label: str, timeout: float | None, detach: bool,
     timeout = cfg.vm.timeout if timeout is None else timeout
     if not 0 <= timeout <= limit:
         raise UserError(f"--timeout must be between 0 and the max job timeout {limit:g}s")
-    job = store.create(command, label, timeout or limit, pack(check_workspace(workspace)))
+    job = store.create(command, label, timeout or limit, pack(check_workspace(workspace)),
+                       retry=retry)
     make_app(cfg.queue.broker, limit).send_task(TASK, args=[job.id], queue=queue_name(label))
     if detach:
         click.echo(job.id)

@@ -21,6 +21,7 @@ import shutil
 import socket
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +85,24 @@ class Daemon:
         self.name = name
         self.host = socket.gethostname()
 
-    def reap(self) -> list[str]:
-        """At start: VMs and jobs left by a worker on this host that died mid-job."""
+    def reap(self, requeue: Callable[[str, str], None]) -> list[str]:
+        """At start: VMs, workspaces and jobs left by a worker on this host that died
+        mid-job. A job that allows it is queued again (once); others end as system_failure."""
         for vm_id in reap_orphans(paths.run_dir()):
             log.warning("removed VM %s left by a dead worker", vm_id)
         ended = []
         for job_id, owner in self.store.running_on_host(self.host).items():
             if pid_alive(owner.get("pid")):
                 continue
+            for leftover in Path(tempfile.gettempdir()).glob(f"kata-ci-{job_id}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
             token = self.store.lease(job_id)
+            if self.store.requeue_once(job_id, token, "retried: its first worker died"):
+                self.store.append_log(job_id, "kata-ci", b"\n[kata-ci: the worker running this "
+                                      b"job died; retrying once]\n")
+                requeue(job_id, self.store.get(job_id).label)
+                log.warning("job %s: its worker died; queued again (retry allowed)", job_id)
+                continue
             if self.store.finish(job_id, token, "system_failure", None,
                                  "the worker running this job died"):
                 self.store.append_log(job_id, "kata-ci", b"\n[kata-ci: the worker running this "
@@ -182,9 +192,10 @@ def start_worker(config: Config, labels: list[str], concurrency: int) -> None:
     store = JobStore.connect(config.queue.broker, config.queue.log_limit_mib << 20)
     name = f"kata-ci-{socket.gethostname()}-{os.getpid()}"
     daemon = Daemon(config, store, name)
-    for job_id in daemon.reap():
-        log.warning("reaped job %s", job_id)
     app = make_app(config.queue.broker, config.queue.max_job_timeout)
+    for job_id in daemon.reap(lambda job, label: app.send_task(TASK, args=[job],
+                                                                queue=queue_name(label))):
+        log.warning("reaped job %s", job_id)
     app.task(name=TASK, acks_late=True)(daemon.execute)
     with contextlib.suppress(KeyboardInterrupt):
         app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}",

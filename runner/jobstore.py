@@ -50,6 +50,15 @@ redis.call('HSET', KEYS[1], 'state', ARGV[2], 'exit_code', ARGV[3], 'message', A
            'finished_at', ARGV[5])
 return 1
 """
+# A job whose worker died goes back to the queue, once, if it allows a retry.
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'retry') ~= '1' then return 0 end
+if tonumber(redis.call('HGET', KEYS[1], 'attempt')) >= 2 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'lease', '', 'message', ARGV[2])
+return 1
+"""
 # Cancel a job that has not started: nothing will run it afterwards.
 _CANCEL_QUEUED = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
@@ -102,6 +111,7 @@ class JobStore:
         self._claim = client.register_script(_CLAIM)
         self._finish = client.register_script(_FINISH)
         self._cancel_queued = client.register_script(_CANCEL_QUEUED)
+        self._requeue = client.register_script(_REQUEUE)
 
     @classmethod
     def connect(cls, url: str, log_limit: int = 16 << 20,
@@ -121,12 +131,13 @@ class JobStore:
         return cls(client, log_limit)
 
     # -- submission ------------------------------------------------------------------------
-    def create(self, argv: Sequence[str], label: str, timeout: float, workspace: bytes) -> Job:
+    def create(self, argv: Sequence[str], label: str, timeout: float, workspace: bytes,
+               retry: bool = False) -> Job:
         job_id = uuid.uuid4().hex[:16]
         now = time.time()
         fields = {"id": job_id, "state": "queued", "argv": json.dumps(list(argv)),
                   "label": label, "timeout": str(timeout), "created_at": str(now),
-                  "attempt": "0", "log_bytes": "0"}
+                  "attempt": "0", "log_bytes": "0", "retry": "1" if retry else "0"}
         pipe = self.r.pipeline()
         pipe.hset(self._job(job_id), mapping=cast(Any, fields))
         pipe.set(f"{PREFIX}ws:{job_id}", workspace)
@@ -170,6 +181,15 @@ class JobStore:
                 self.r.hdel(f"{PREFIX}host:{_text(host)}", job_id)
             self.r.delete(f"{PREFIX}ws:{job_id}")
         return done
+
+    def requeue_once(self, job_id: str, token: str, why: str) -> bool:
+        """Back to ``queued`` if the job allows a retry and has not had one; fenced."""
+        if not self._requeue(keys=[self._job(job_id)], args=[token, why]):
+            return False
+        host = self.r.hget(self._job(job_id), "host")
+        if host:
+            self.r.hdel(f"{PREFIX}host:{_text(host)}", job_id)
+        return True
 
     def running_on_host(self, host: str) -> dict[str, dict[str, Any]]:
         raw = cast(dict[bytes, bytes], self.r.hgetall(f"{PREFIX}host:{host}"))

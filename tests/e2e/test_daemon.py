@@ -239,3 +239,22 @@ def test_unreachable_broker_is_a_clear_error_at_start(tmp_path: Path) -> None:
                                 capture_output=True, timeout=60, cwd=tmp_path)
         assert result.returncode == 2, (args, result.stderr)
         assert f"cannot reach the broker at {url}".encode() in result.stderr
+
+
+def test_a_job_allowing_retry_runs_again_after_its_worker_died(
+        workers: Callable[..., Worker], config: Path, store: JobStore, tmp_path: Path) -> None:
+    """submit --retry: SIGKILL the worker mid-job, restart it: the job runs a second time and
+    succeeds; its first workspace directory is gone."""
+    worker = workers()
+    script = "echo run; sleep 4; echo done"
+    job_id = submit_detached(config, tmp_path, "--retry", "--", "sh", "-c", script)
+    wait_until(lambda: any(d == b"run\n" for _, d in store.read_log(job_id)), 120, "first run")
+    assert worker.proc is not None
+    worker.proc.send_signal(signal.SIGKILL)
+    worker.proc.wait()
+    worker.start()
+    assert wait_state(store, job_id) == "success"
+    assert store.get(job_id).attempt == 2
+    assert b"retrying once" in b"".join(d for _, d in store.read_log(job_id))
+    assert not list(Path(tempfile.gettempdir()).glob(f"kata-ci-{job_id}-*"))
+    assert worker.leftovers() == []

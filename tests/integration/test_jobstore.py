@@ -138,3 +138,18 @@ def test_writes_ride_out_a_redis_restart(redis_server: RedisServer) -> None:
     store.append_log(job.id, "stdout", b"written during the outage\n")
     restart.join()
     assert list(store.read_log(job.id)) == [("stdout", b"written during the outage\n")]
+
+
+def test_requeue_once_only_when_allowed(store: JobStore) -> None:
+    """A dead worker's job goes back to the queue once if it allows a retry, never twice,
+    and never when it does not allow it."""
+    plain = store.create(["true"], "default", 60, b"")
+    token = store.claim(plain.id, "w1", "h", 1)
+    assert token and not store.requeue_once(plain.id, token, "why")
+    retry = store.create(["true"], "default", 60, b"", retry=True)
+    first = store.claim(retry.id, "w1", "h", 1)
+    assert first and store.requeue_once(retry.id, first, "why")
+    assert store.get(retry.id).state == "queued"
+    second = store.claim(retry.id, "w2", "h", 1)
+    assert second and store.get(retry.id).attempt == 2
+    assert not store.requeue_once(retry.id, second, "why")

@@ -1,0 +1,42 @@
+"""The shipped deployment files say what the daemon's guarantees depend on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jinja2
+
+from kata_ci.runner.config import load
+
+ANSIBLE = Path(__file__).resolve().parents[2] / "ansible"
+
+
+def test_shipped_redis_config_enables_aof_and_never_evicts() -> None:
+    """Job state survives a Redis restart only with AOF; evicting a queued workspace loses it."""
+    lines = (ANSIBLE / "files/redis-kata-ci.conf").read_text().splitlines()
+    settings = dict(line.split(None, 1) for line in lines if line and not line.startswith("#"))
+    assert settings["appendonly"] == "yes"
+    assert settings["maxmemory-policy"] == "noeviction"
+
+
+def test_worker_config_template_renders_to_a_valid_config(tmp_path: Path) -> None:
+    """The ansible template renders (with label sizes) into a file `kata-ci worker` accepts."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    env.filters["to_json"] = json.dumps
+    text = env.from_string((ANSIBLE / "templates/config.toml.j2").read_text()).render(
+        kata_ci_broker="redis://broker:6379/0", kata_ci_labels=["default", "big"],
+        kata_ci_concurrency=2,
+        kata_ci_label_sizes={"big": {"vcpus": 4, "memory_mib": 8192}})
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    cfg = load(path)
+    assert cfg.queue.labels == ["default", "big"] and cfg.queue.concurrency == 2
+    assert cfg.labels == {"big": {"vcpus": 4, "memory_mib": 8192}}
+
+
+def test_worker_unit_runs_the_worker_with_the_managed_config() -> None:
+    """systemd starts `kata-ci worker` on the file the playbook writes."""
+    unit = (ANSIBLE / "files/kata-ci-worker.service").read_text()
+    assert "kata-ci worker --config /etc/kata-ci/config.toml" in unit
+    assert "dest: /etc/kata-ci/config.toml" in (ANSIBLE / "site.yml").read_text()
