@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+# kata-ci forks (to exec QEMU and virtiofsd) while gRPC threads run; the children exec at once
+# and never use gRPC, so gRPC's fork handlers are not needed (and only warn). Set before import.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import google.protobuf
 import grpc

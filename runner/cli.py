@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kata_ci import __version__, paths
@@ -25,7 +26,7 @@ EXIT_USAGE = 2
 
 
 def _fail(exc: KataCIError, code: int) -> None:
-    err.print(f"[bold red]kata-ci:[/] {exc}", markup=True, soft_wrap=True)
+    err.print(f"[bold red]kata-ci:[/] {escape(str(exc))}", soft_wrap=True)
     sys.exit(code)
 
 
@@ -39,7 +40,16 @@ def main() -> None:
     """Run CI jobs, each in a fresh microVM with its own kernel."""
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+class _RunCommand(click.Command):
+    """Remembers whether the user wrote `--`: `kata-ci run -- make` runs a command, while
+    `kata-ci run build` runs the CI job named build."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["raw_command"] = "--" in args
+        return super().parse_args(ctx, args)
+
+
+@main.command(cls=_RunCommand)
 @click.option("-C", "--workspace", type=click.Path(path_type=Path), default=".",
               show_default=True, help="Directory shared into the VM as the working directory.")
 @click.option("--vcpus", type=int, help="Virtual CPUs (config: vm.vcpus).")
@@ -51,32 +61,69 @@ def main() -> None:
               help="Set a variable in the job (NAME alone passes the host's value).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="TOML config file (default: ~/.config/kata-ci/config.toml).")
-@click.argument("command", nargs=-1, required=True)
-def run(workspace: Path, vcpus: int | None, memory_mib: int | None, timeout: float | None,
-        grace: float | None, accel: str | None, env_items: tuple[str, ...],
-        config_path: Path | None, command: tuple[str, ...]) -> None:
-    """Run COMMAND in a fresh microVM over the workspace: kata-ci run -- make test
+@click.option("--gitlab-ci", "gitlab_ci", type=click.Path(path_type=Path),
+              help="The CI file (default: .gitlab-ci.yml in the workspace).")
+@click.option("--pipeline", is_flag=True, help="Run the whole pipeline (not manual jobs).")
+@click.option("--only", is_flag=True, help="Run the named jobs without the jobs they need.")
+@click.option("-j", "--jobs", "parallel", type=click.IntRange(1, 64), default=1,
+              show_default=True, help="VMs at once.")
+@click.option("--var", "var_items", multiple=True, metavar="NAME=VALUE",
+              help="A CI variable (wins over the file's).")
+@click.option("--env-file", type=click.Path(path_type=Path), help="NAME=VALUE lines.")
+@click.option("--event", default="push", show_default=True,
+              help="CI_PIPELINE_SOURCE (push, merge_request_event, web, schedule...).")
+@click.argument("command", nargs=-1)
+@click.pass_context
+def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int | None,
+        timeout: float | None, grace: float | None, accel: str | None,
+        env_items: tuple[str, ...], config_path: Path | None, gitlab_ci: Path | None,
+        pipeline: bool, only: bool, parallel: int, var_items: tuple[str, ...],
+        env_file: Path | None, event: str, command: tuple[str, ...]) -> None:
+    """Run CI jobs or a command, each in a fresh microVM over the workspace.
 
-    The command is executed directly (like docker run); use `sh -c '...'` for shell syntax.
+    \b
+      kata-ci run                  list the jobs of .gitlab-ci.yml
+      kata-ci run build test       run these jobs (and the jobs they need)
+      kata-ci run --pipeline -j 2  the whole pipeline, two VMs at once
+      kata-ci run -- make test     a command, executed directly (use sh -c for shell syntax)
     """
     from kata_ci.runner.local import LocalRun, TerminalSink, check_workspace, parse_env, run_local
 
     try:
         cfg = config_mod.load(config_path).with_vm(
             vcpus=vcpus, memory_mib=memory_mib, timeout=timeout, grace=grace, accel=accel)
-        job = LocalRun(argv=command, workspace=check_workspace(workspace), config=cfg,
-                       env=parse_env(env_items))
+        root = check_workspace(workspace)
+        if not ctx.meta.get("raw_command"):
+            sys.exit(_run_ci(root, cfg, gitlab_ci, list(command), pipeline, only, parallel,
+                             var_items, env_file, event))
+        if not command:
+            raise UserError("no command after --")
+        job = LocalRun(argv=command, workspace=root, config=cfg, env=parse_env(env_items))
         outcome = run_local(job, TerminalSink(), _notify)
     except UserError as exc:
         _fail(exc, EXIT_USAGE)
     if outcome.kind is OutcomeKind.SYSTEM_FAILURE:
-        err.print(f"[bold red]kata-ci: system failure:[/] {outcome.message}", soft_wrap=True)
+        err.print(f"[bold red]kata-ci: system failure:[/] {escape(outcome.message)}",
+                  soft_wrap=True)
         if outcome.diagnostics:
             err.print("--- last guest console lines ---", style="dim")
             err.print(outcome.diagnostics, markup=False, highlight=False, soft_wrap=True)
     elif outcome.kind in (OutcomeKind.TIMEOUT, OutcomeKind.CANCELLED):
         err.print(f"[bold yellow]kata-ci:[/] {outcome.message}")
     sys.exit(outcome.exit_code)
+
+
+def _run_ci(root: Path, cfg: config_mod.Config, gitlab_ci: Path | None, names: list[str],
+            pipeline: bool, only: bool, parallel: int, var_items: tuple[str, ...],
+            env_file: Path | None, event: str) -> int:
+    from kata_ci.runner.local_ci import list_jobs, load_pipeline, parse_vars, run_pipeline
+
+    user = parse_vars(var_items, env_file)
+    loaded, predefined = load_pipeline(root, gitlab_ci, user, event)
+    if not names and not pipeline:
+        list_jobs(loaded, Console())
+        return 0
+    return run_pipeline(loaded, predefined, user, names, only, parallel, cfg, root, err)
 
 
 @main.group()

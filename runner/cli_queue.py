@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kata_ci.errors import UserError
@@ -43,7 +44,7 @@ def _usage_errors(func: click.decorators.FC) -> click.decorators.FC:
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            err.print(f"[bold red]kata-ci:[/] {exc}", soft_wrap=True)
+            err.print(f"[bold red]kata-ci:[/] {escape(str(exc))}", soft_wrap=True)
             sys.exit(EXIT_USAGE)
 
     return wrapper  # type: ignore[return-value]
@@ -159,7 +160,7 @@ def _follow(store: JobStore, job_id: str, cancel_on_interrupt: bool) -> int:
             time.sleep(0.2)
     job = store.get(job_id)
     if job.state != "success":
-        err.print(f"[bold yellow]kata-ci:[/] job {job_id} {job.state}: {job.message}")
+        err.print(f"[bold yellow]kata-ci:[/] job {job_id} {job.state}: {escape(job.message)}")
     if job.state == "failed":
         return job.exit_code if job.exit_code is not None else 1
     return FINAL_STATUS[job.state]
