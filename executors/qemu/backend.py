@@ -7,7 +7,6 @@ removes all of it; ``reap_orphans`` removes what a dead owner left (kata-ci SIGK
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
 import os
@@ -28,16 +27,20 @@ from kata_ci.executors.base import VM, Accel, Backend, BootTimes, Capabilities, 
 from kata_ci.executors.qemu.argv import AGENT_PORT_ID, VMPaths, qemu_argv, virtiofsd_argv
 
 RECORD = "vm.json"
-_PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Child-side: get SIGKILL when the thread that started us dies (kata-ci killed -9).
+@functools.cache
+def _die_with_parent() -> list[str]:
+    """A prefix that makes the VM's processes get SIGKILL when kata-ci dies (killed -9).
 
-    The kernel ties this to the forking *thread*; VMs are started from long-lived threads.
+    setpriv (util-linux, Essential on Debian) sets the parent-death signal and execs, so the
+    pid stays the VM process's own. A Python preexec_fn would do the same but runs Python in
+    the forked child, which can deadlock when other threads hold locks at fork time (two VMs
+    starting at once in a pipeline). The kernel ties the signal to the spawning *thread*; VMs
+    are started from threads that outlive them.
     """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 @functools.cache
@@ -179,10 +182,11 @@ class QemuVM(VM):
         with log.open("ab") as sink:
             try:
                 return subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                    [*_die_with_parent(), *argv], stdin=subprocess.DEVNULL, stdout=sink,
+                    stderr=subprocess.STDOUT,
                     # Own session: a Ctrl-C on the terminal reaches kata-ci, not the VM, so
                     # cancel can be graceful.
-                    start_new_session=True, preexec_fn=_die_with_parent,
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise SystemFailure(f"cannot start {argv[0]}: {exc}") from None

@@ -28,7 +28,8 @@ def test_example_pipeline_statuses_logs_and_exit(tmp_path: Path, cli_env: dict[s
     assert result.returncode == 1, result.stderr
     assert summary(result.stderr) == {
         "build": "success", "test: [alpha]": "success", "test: [beta]": "success",
-        "lint": "warning", "integration": "failed", "deploy": "skipped", "cleanup": "success"}
+        "lint": "warning", "integration": "failed", "deploy": "skipped", "cleanup": "success"}, \
+        result.stderr.decode()
     out = result.stdout.decode()
     assert "[test: [beta]] testing hello from build on beta" in out
     assert "[integration] after_script ran, job status failed" in out

@@ -42,9 +42,13 @@ def test_images_missing_names_the_fix(tmp_path: Path) -> None:
 
 
 def test_no_command(tmp_path: Path) -> None:
-    """`kata-ci run` without a command is a usage error."""
+    """`kata-ci run` with no CI file and no command, or `run --` with nothing after it, is a
+    usage error that says how to run a command."""
     result = run(["run"], tmp_path)
-    assert result.returncode == 2 and "Missing argument" in result.stderr
+    assert result.returncode == 2 and "no CI file" in result.stderr
+    assert "kata-ci run -- COMMAND" in result.stderr
+    result = run(["run", "--"], tmp_path)
+    assert result.returncode == 2 and "no command after --" in result.stderr
 
 
 def test_malformed_config(tmp_path: Path) -> None:
