@@ -31,7 +31,7 @@ def _fail(exc: KataCIError, code: int) -> None:
 
 
 def _notify(message: str) -> None:
-    err.print(f"[yellow]kata-ci:[/] {message}", soft_wrap=True)
+    err.print(f"[yellow]kata-ci:[/] {escape(message)}", soft_wrap=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -109,7 +109,7 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
             err.print("--- last guest console lines ---", style="dim")
             err.print(outcome.diagnostics, markup=False, highlight=False, soft_wrap=True)
     elif outcome.kind in (OutcomeKind.TIMEOUT, OutcomeKind.CANCELLED):
-        err.print(f"[bold yellow]kata-ci:[/] {outcome.message}")
+        err.print(f"[bold yellow]kata-ci:[/] {escape(outcome.message)}")
     sys.exit(outcome.exit_code)
 
 

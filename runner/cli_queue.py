@@ -147,7 +147,8 @@ def _write(stream: str, data: bytes) -> None:
     target.flush()
 
 
-def _follow(store: JobStore, job_id: str, cancel_on_interrupt: bool) -> int:
+def _follow(store: JobStore, job_id: str, cancel_on_interrupt: bool,
+            cancel_wait: float = 60.0) -> int:
     try:
         for stream, data in store.read_log(job_id, follow=True):
             _write(stream, data)
@@ -156,7 +157,12 @@ def _follow(store: JobStore, job_id: str, cancel_on_interrupt: bool) -> int:
             return EXIT_CANCELLED
         err.print(f"kata-ci: cancelling job {job_id}")
         store.request_cancel(job_id)
+        deadline = time.monotonic() + cancel_wait  # a dead worker never confirms
         while store.get(job_id).state not in FINAL:
+            if time.monotonic() > deadline:
+                err.print(f"kata-ci: job {job_id} has not confirmed the cancel; its worker "
+                          "will end it (see kata-ci jobs)")
+                return EXIT_CANCELLED
             time.sleep(0.2)
     job = store.get(job_id)
     if job.state != "success":

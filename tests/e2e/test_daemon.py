@@ -61,19 +61,11 @@ def wait_until(check: Callable[[], bool], seconds: float, what: str) -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer()
-    srv.start()
-    yield srv
-    srv.close()
-
-
 @pytest.fixture
-def config(server: RedisServer, tmp_path: Path) -> Path:
-    redis.Redis.from_url(server.url).flushdb()
+def config(redis_server: RedisServer, tmp_path: Path) -> Path:
+    redis.Redis.from_url(redis_server.url).flushdb()
     path = tmp_path / "config.toml"
-    path.write_text(f'[queue]\nbroker = "{server.url}"\n[vm]\ngrace = 2\n')
+    path.write_text(f'[queue]\nbroker = "{redis_server.url}"\n[vm]\ngrace = 2\n')
     return path
 
 
@@ -97,8 +89,8 @@ def workers(request: pytest.FixtureRequest, config: Path,
 
 
 @pytest.fixture
-def store(server: RedisServer) -> JobStore:
-    return JobStore.connect(server.url)
+def store(redis_server: RedisServer) -> JobStore:
+    return JobStore.connect(redis_server.url)
 
 
 def submit(config: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -131,12 +123,12 @@ def test_submit_runs_in_a_vm_and_exits_with_the_job_status(
 
 
 def test_a_message_delivered_twice_starts_one_vm(
-        workers: Callable[..., Worker], config: Path, server: RedisServer,
+        workers: Callable[..., Worker], config: Path, redis_server: RedisServer,
         store: JobStore, tmp_path: Path) -> None:
     """The same job message sent twice: one VM runs it, the second delivery is ignored."""
     worker = workers()
     job_id = submit_detached(config, tmp_path, "--", "sh", "-c", "sleep 1; echo once")
-    make_app(server.url, 3600).send_task(TASK, args=[job_id], queue=queue_name("default"))
+    make_app(redis_server.url, 3600).send_task(TASK, args=[job_id], queue=queue_name("default"))
     assert wait_state(store, job_id) == "success"
     wait_until(lambda: b"duplicate delivery ignored" in worker.log.read_bytes(), 60,
                "the second delivery")
@@ -193,15 +185,15 @@ def test_a_killed_worker_leaves_no_vm_and_its_job_ends_as_system_failure(
 
 
 def test_redis_restart_mid_job(workers: Callable[..., Worker], config: Path,
-                               server: RedisServer, store: JobStore, tmp_path: Path) -> None:
+                               redis_server: RedisServer, store: JobStore, tmp_path: Path) -> None:
     """Redis restarts while a job runs: the job completes with its whole log, and the worker
     takes the next job."""
     workers()
     job_id = submit_detached(config, tmp_path, "--", "sh", "-c", "echo before; sleep 6; echo after")
     wait_until(lambda: any(d == b"before\n" for _, d in store.read_log(job_id)), 120, "before")
-    server.stop()
+    redis_server.stop()
     time.sleep(1)
-    server.start()
+    redis_server.start()
     assert wait_state(store, job_id) == "success"
     assert [d for _, d in store.read_log(job_id)] == [b"before\n", b"after\n"]
     result = submit(config, tmp_path, "--", "echo", "next")
@@ -209,15 +201,15 @@ def test_redis_restart_mid_job(workers: Callable[..., Worker], config: Path,
 
 
 def test_malformed_messages_are_rejected_and_the_worker_goes_on(
-        workers: Callable[..., Worker], config: Path, server: RedisServer,
+        workers: Callable[..., Worker], config: Path, redis_server: RedisServer,
         store: JobStore, tmp_path: Path) -> None:
     """A non-JSON body, a wrong argument and an unknown job are logged and dropped; the next
     real job still runs."""
     worker = workers()
-    app = make_app(server.url, 3600)
+    app = make_app(redis_server.url, 3600)
     app.send_task(TASK, args=[{"not": "an id"}], queue=queue_name("default"))
     app.send_task(TASK, args=["0123456789abcdef"], queue=queue_name("default"))
-    with Connection(server.url) as conn:  # type: ignore[no-untyped-call]
+    with Connection(redis_server.url) as conn:  # type: ignore[no-untyped-call]
         conn.SimpleQueue(queue_name("default")).put(
             b"\x80not json", content_type="application/x-python-serialize",
             content_encoding="binary")
