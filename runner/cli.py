@@ -62,7 +62,9 @@ class _RunCommand(click.Command):
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="TOML config file (default: ~/.config/kata-ci/config.toml).")
 @click.option("--gitlab-ci", "gitlab_ci", type=click.Path(path_type=Path),
-              help="The CI file (default: .gitlab-ci.yml in the workspace).")
+              help="The GitLab CI file (default: .gitlab-ci.yml in the workspace).")
+@click.option("--workflow", type=click.Path(path_type=Path),
+              help="A GitHub workflow file (default: all of .github/workflows).")
 @click.option("--pipeline", is_flag=True, help="Run the whole pipeline (not manual jobs).")
 @click.option("--only", is_flag=True, help="Run the named jobs without the jobs they need.")
 @click.option("-j", "--jobs", "parallel", type=click.IntRange(1, 64), default=1,
@@ -71,13 +73,15 @@ class _RunCommand(click.Command):
               help="A CI variable (wins over the file's).")
 @click.option("--env-file", type=click.Path(path_type=Path), help="NAME=VALUE lines.")
 @click.option("--event", default="push", show_default=True,
-              help="CI_PIPELINE_SOURCE (push, merge_request_event, web, schedule...).")
+              help="push, pull_request, workflow_dispatch, schedule: filters workflows by "
+                   "`on:` and sets CI_PIPELINE_SOURCE.")
 @click.argument("command", nargs=-1)
 @click.pass_context
 def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int | None,
         timeout: float | None, grace: float | None, accel: str | None,
         env_items: tuple[str, ...], config_path: Path | None, gitlab_ci: Path | None,
-        pipeline: bool, only: bool, parallel: int, var_items: tuple[str, ...],
+        workflow: Path | None, pipeline: bool, only: bool, parallel: int,
+        var_items: tuple[str, ...],
         env_file: Path | None, event: str, command: tuple[str, ...]) -> None:
     """Run CI jobs or a command, each in a fresh microVM over the workspace.
 
@@ -94,8 +98,8 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
             vcpus=vcpus, memory_mib=memory_mib, timeout=timeout, grace=grace, accel=accel)
         root = check_workspace(workspace)
         if not ctx.meta.get("raw_command"):
-            sys.exit(_run_ci(root, cfg, gitlab_ci, list(command), pipeline, only, parallel,
-                             var_items, env_file, event))
+            sys.exit(_run_ci(root, cfg, gitlab_ci, workflow, list(command), pipeline, only,
+                             parallel, var_items, env_file, event))
         if not command:
             raise UserError("no command after --")
         job = LocalRun(argv=command, workspace=root, config=cfg, env=parse_env(env_items))
@@ -113,17 +117,19 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
     sys.exit(outcome.exit_code)
 
 
-def _run_ci(root: Path, cfg: config_mod.Config, gitlab_ci: Path | None, names: list[str],
-            pipeline: bool, only: bool, parallel: int, var_items: tuple[str, ...],
-            env_file: Path | None, event: str) -> int:
-    from kata_ci.runner.local_ci import list_jobs, load_pipeline, parse_vars, run_pipeline
+def _run_ci(root: Path, cfg: config_mod.Config, gitlab_ci: Path | None,
+            workflow: Path | None, names: list[str], pipeline: bool, only: bool,
+            parallel: int, var_items: tuple[str, ...], env_file: Path | None,
+            event: str) -> int:
+    from kata_ci.runner.local_ci import choose, discover, list_jobs, parse_vars, run_selected
 
     user = parse_vars(var_items, env_file)
-    loaded, predefined = load_pipeline(root, gitlab_ci, user, event)
+    found = discover(root, gitlab_ci, workflow, user, event)
     if not names and not pipeline:
-        list_jobs(loaded, Console())
+        list_jobs(found, Console())
         return 0
-    return run_pipeline(loaded, predefined, user, names, only, parallel, cfg, root, err)
+    target = choose(found, names, pipeline)
+    return run_selected(found, target, names, only, parallel, cfg, root, user, err)
 
 
 @main.group()

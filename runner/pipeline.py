@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kata_ci.errors import SystemFailure
@@ -86,6 +86,7 @@ class JobResult:
     duration: float = 0.0
     exit_code: int | None = None
     message: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)  # GitHub job outputs
 
     @property
     def ok(self) -> bool:
