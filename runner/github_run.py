@@ -250,16 +250,23 @@ def run_workflow_jobs(workflow: Workflow, jobs: list[GHJob], parallel: int,
     def key_done(key: str) -> bool:
         return all(j.name in results for j in by_key.get(key, []))
 
+    def need(key: str) -> dict[str, Any]:
+        """needs.<key>, aggregated over its variants once all are done; a job outside the
+        selection (--only) counts as succeeded."""
+        if key not in rc.needs and key in by_key and key_done(key):
+            rc.needs[key] = _aggregate([results[v.name] for v in by_key[key]])
+        return rc.needs.get(key, {"result": "success", "outputs": {}})
+
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         while waiting or running:
             for job in list(waiting):
+                if len(running) >= parallel:
+                    break  # taken only when a VM slot is free: fail-fast and cancel stop it
                 if not all(key_done(n) for n in job.needs if n in by_key):
                     continue
                 waiting.remove(job)
-                needs_ok = all(rc.needs.get(n, {"result": "success"})["result"] == "success"
-                               for n in job.needs)  # needs outside the selection: assumed ok
-                ctx = {"github": rc.github, "needs": {n: rc.needs.get(n, {})
-                                                      for n in job.needs},
+                needs_ok = all(need(n)["result"] == "success" for n in job.needs)
+                ctx = {"github": rc.github, "needs": {n: need(n) for n in job.needs},
                        "matrix": job.matrix, "env": workflow.env}
                 functions = _job_status_functions(needs_ok, rc.cancelled)
                 if rc.cancelled.is_set() or (job.key in failed_groups and job.fail_fast):
@@ -280,9 +287,8 @@ def run_workflow_jobs(workflow: Workflow, jobs: list[GHJob], parallel: int,
                     results[job.name] = future.result()
                     if results[job.name].status == "failed":
                         failed_groups.add(job.key)
-            for key, variants in by_key.items():  # needs.<key>: all variants, aggregated
-                if key not in rc.needs and key_done(key):
-                    rc.needs[key] = _aggregate([results[v.name] for v in variants])
+    for key in by_key:
+        need(key)  # every finished job's result for the caller
     return [results[j.name] for j in jobs]
 
 

@@ -213,6 +213,8 @@ def schedule(pipeline: Pipeline, jobs: list[CIJob], parallel: int,
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         while waiting or running:
             for job in list(waiting):
+                if len(running) >= parallel:
+                    break  # a job is taken only when a VM slot is free, so cancel stops it
                 before = deps(job)
                 if not all(d in results for d in before):
                     continue

@@ -91,3 +91,50 @@ def test_bad_ci_files_fail_before_any_vm(tmp_path: Path, cli_env: dict[str, str]
     assert listing.returncode == 0 and b"a" in listing.stdout
     assert leftovers(cli_env) == []
     assert not any(Path(cli_env["KATA_CI_RUN_DIR"]).iterdir())
+
+
+WORKFLOWS = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "workflows"
+
+
+def test_example_workflow_as_github_reports_it(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """The example workflow with -j 2: step and job outputs, GITHUB_ENV/PATH, a matrix with
+    include, continue-on-error, a python step, if: failure(), a failing job and an always()
+    job that sees both results; exit 1."""
+    project = tmp_path / "ci-demo"
+    shutil.copytree(EXAMPLE, project)
+    result = kata_ci_run(["--workflow", ".github/workflows/ci.yml", "--pipeline", "-j", "2"],
+                         cli_env, project, timeout=600)
+    assert result.returncode == 1, result.stderr
+    assert summary(result.stderr) == {
+        "build": "success", "test (3.10)": "success", "test (3.11, lint)": "success",
+        "broken": "failed", "report": "success"}, result.stderr.decode()
+    out = result.stdout.decode()
+    for line in ("[build] mode=release version=1.2.3", "[build] tool ran",
+                 "[test (3.11, lint)] testing 1.2.3 on 3.11 lint",
+                 "[test (3.10)] python step sees hello",
+                 "[broken] cleanup after the failure",
+                 "[report] test=success broken=failure"):
+        assert line in out, line
+    assert "never printed" not in out
+    assert leftovers(cli_env) == []
+
+
+def test_workflow_events_and_one_job(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """--event filters workflows by `on:`; naming a job runs it after the jobs it needs; a
+    real starter workflow runs green with checkout satisfied by the mount."""
+    project = tmp_path / "p"
+    (project / ".github/workflows").mkdir(parents=True)
+    shutil.copy(WORKFLOWS / "starter-blank.yml", project / ".github/workflows/blank.yml")
+    result = kata_ci_run(["build", "--event", "schedule"], cli_env, project)
+    assert result.returncode == 2 and b"not found in any CI file triggered by schedule" \
+        in result.stderr
+    result = kata_ci_run(["build", "--event", "workflow_dispatch"], cli_env, project,
+                         timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert b"Hello, world!" in result.stdout
+    assert b"the checkout is already mounted" in result.stdout
+    shutil.copytree(EXAMPLE, tmp_path / "demo")
+    result = kata_ci_run(["report", "--workflow", ".github/workflows/ci.yml", "-j", "2"],
+                         cli_env, tmp_path / "demo", timeout=600)
+    assert list(summary(result.stderr)) == ["build", "test (3.10)", "test (3.11, lint)",
+                                            "broken", "report"]
