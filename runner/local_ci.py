@@ -147,9 +147,12 @@ def choose(found: Found, names: list[str], pipeline: bool) -> Pipeline | Workflo
     holders += [w for w in triggered if all(_has_gh(w, n) for n in names)]
     if len(holders) != 1:
         where = ", ".join(str(h.path) for h in holders)
+        known = [*(j.name for j in (found.gitlab.jobs if found.gitlab else [])),
+                 *(j.name for w in triggered for j in w.jobs)]
         raise UserError(f"job(s) {', '.join(names)}: " + (
             f"found in several files ({where}); pick one with --gitlab-ci or --workflow"
-            if holders else f"not found in any CI file triggered by {found.event}"))
+            if holders else f"not found in any CI file triggered by {found.event} "
+            f"(jobs: {', '.join(known) or 'none'})"))
     return holders[0]
 
 
@@ -203,6 +206,8 @@ def run_selected(found: Found, target: Pipeline | Workflow, names: list[str], on
 
             results = schedule(target, gl_jobs, parallel, run_gl, cancelled)
         else:
+            # --var / --env-file: like workflow-level env, winning over the file's.
+            target = dataclasses.replace(target, env={**target.env, **user})
             rc = RunContext(target, workspace, github_context(found, target, workspace), {},
                             output.sink(""), cancelled, config.vm.grace,
                             config.vm.boot_timeout)

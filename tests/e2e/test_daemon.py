@@ -104,7 +104,7 @@ def submit_detached(config: Path, cwd: Path, *args: str) -> str:
     return result.stdout.decode().strip()
 
 
-def wait_state(store: JobStore, job_id: str, seconds: float = 120) -> str:
+def wait_state(store: JobStore, job_id: str, seconds: float = 300) -> str:
     wait_until(lambda: store.get(job_id).state in FINAL, seconds, f"job {job_id} to end")
     return store.get(job_id).state
 
@@ -157,7 +157,7 @@ def test_cancel_stops_a_running_job_within_seconds(
     worker = workers()
     script = "trap 'echo got-term; exit 143' TERM; echo ready; sleep 600 & wait"
     job_id = submit_detached(config, tmp_path, "--", "sh", "-c", script)
-    wait_until(lambda: any(d == b"ready\n" for _, d in store.read_log(job_id)), 120, "ready")
+    wait_until(lambda: any(d == b"ready\n" for _, d in store.read_log(job_id)), 300, "ready")
     started = time.monotonic()
     cancel = subprocess.run([*KATA_CI, "cancel", "--config", str(config), job_id],
                             capture_output=True, timeout=60)
@@ -174,7 +174,7 @@ def test_a_killed_worker_leaves_no_vm_and_its_job_ends_as_system_failure(
     system_failure (not `running` forever)."""
     worker = workers()
     job_id = submit_detached(config, tmp_path, "--", "sh", "-c", "echo ready; sleep 600")
-    wait_until(lambda: any(d == b"ready\n" for _, d in store.read_log(job_id)), 120, "ready")
+    wait_until(lambda: any(d == b"ready\n" for _, d in store.read_log(job_id)), 300, "ready")
     assert len(list(worker.run_dir.glob("*/vm.json"))) == 1
     assert worker.proc is not None
     worker.proc.send_signal(signal.SIGKILL)
@@ -190,7 +190,7 @@ def test_redis_restart_mid_job(workers: Callable[..., Worker], config: Path,
     takes the next job."""
     workers()
     job_id = submit_detached(config, tmp_path, "--", "sh", "-c", "echo before; sleep 6; echo after")
-    wait_until(lambda: any(d == b"before\n" for _, d in store.read_log(job_id)), 120, "before")
+    wait_until(lambda: any(d == b"before\n" for _, d in store.read_log(job_id)), 300, "before")
     redis_server.stop()
     time.sleep(1)
     redis_server.start()
@@ -240,7 +240,7 @@ def test_a_job_allowing_retry_runs_again_after_its_worker_died(
     worker = workers()
     script = "echo run; sleep 4; echo done"
     job_id = submit_detached(config, tmp_path, "--retry", "--", "sh", "-c", script)
-    wait_until(lambda: any(d == b"run\n" for _, d in store.read_log(job_id)), 120, "first run")
+    wait_until(lambda: any(d == b"run\n" for _, d in store.read_log(job_id)), 300, "first run")
     assert worker.proc is not None
     worker.proc.send_signal(signal.SIGKILL)
     worker.proc.wait()

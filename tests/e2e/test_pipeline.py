@@ -24,7 +24,10 @@ def test_example_pipeline_statuses_logs_and_exit(tmp_path: Path, cli_env: dict[s
     failure, a skipped stage and an on_failure job, reported as GitLab would; exit 1."""
     project = tmp_path / "ci-demo"
     shutil.copytree(EXAMPLE, project)
-    result = kata_ci_run(["--pipeline", "-j", "2"], cli_env, project, timeout=600)
+    both = kata_ci_run(["--pipeline"], cli_env, project)
+    assert both.returncode == 2 and b"pick one with --gitlab-ci or --workflow" in both.stderr
+    result = kata_ci_run(["--gitlab-ci", ".gitlab-ci.yml", "--pipeline", "-j", "2"], cli_env,
+                         project, timeout=600)
     assert result.returncode == 1, result.stderr
     assert summary(result.stderr) == {
         "build": "success", "test: [alpha]": "success", "test: [beta]": "success",
@@ -51,9 +54,10 @@ def test_two_jobs_run_in_two_vms_at_once(tmp_path: Path, cli_env: dict[str, str]
 
 
 def test_shared_fixture_pipelines_run(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    """GitLab's Bash template and the needs DAG doc example run green; image: is reported as
-    not honoured rather than ignored silently."""
-    for name in ("bash-template.gitlab-ci.yml", "needs-dag.gitlab-ci.yml"):
+    """GitLab's Bash and Getting-Started templates and the needs DAG doc example run green;
+    image: is reported as not honoured rather than ignored silently."""
+    for name in ("bash-template.gitlab-ci.yml", "needs-dag.gitlab-ci.yml",
+                 "getting-started-template.gitlab-ci.yml"):
         project = tmp_path / name
         project.mkdir()
         shutil.copy(FIXTURES / name, project / ".gitlab-ci.yml")
@@ -61,7 +65,8 @@ def test_shared_fixture_pipelines_run(tmp_path: Path, cli_env: dict[str, str]) -
         assert result.returncode == 0, (name, result.stderr)
         statuses = summary(result.stderr)
         assert statuses and set(statuses.values()) == {"success"}, (name, statuses)
-        assert b"image: is not honoured without a registry" in result.stderr
+        if name != "getting-started-template.gitlab-ci.yml":  # the one without image:
+            assert b"image: is not honoured without a registry" in result.stderr
 
 
 def test_one_job_with_what_it_needs(tmp_path: Path, cli_env: dict[str, str]) -> None:
@@ -86,7 +91,8 @@ def test_bad_ci_files_fail_before_any_vm(tmp_path: Path, cli_env: dict[str, str]
         assert result.returncode == 2 and message.encode() in result.stderr, result.stderr
     (tmp_path / ".gitlab-ci.yml").write_text("a: {script: [x]}\n")
     result = kata_ci_run(["nosuch"], cli_env, tmp_path)
-    assert result.returncode == 2 and b"no job named 'nosuch'" in result.stderr
+    assert result.returncode == 2 and b"nosuch: not found" in result.stderr
+    assert b"(jobs: a)" in result.stderr
     listing = kata_ci_run([], cli_env, tmp_path)
     assert listing.returncode == 0 and b"a" in listing.stdout
     assert leftovers(cli_env) == []
@@ -120,14 +126,21 @@ def test_example_workflow_as_github_reports_it(tmp_path: Path, cli_env: dict[str
 
 
 def test_workflow_events_and_one_job(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    """--event filters workflows by `on:`; naming a job runs it after the jobs it needs; a
-    real starter workflow runs green with checkout satisfied by the mount."""
+    """--event filters workflows by `on:`; --var wins over the workflow's env; naming a job
+    runs it after the jobs it needs; a real starter workflow runs green with checkout
+    satisfied by the mount."""
     project = tmp_path / "p"
     (project / ".github/workflows").mkdir(parents=True)
     shutil.copy(WORKFLOWS / "starter-blank.yml", project / ".github/workflows/blank.yml")
     result = kata_ci_run(["build", "--event", "schedule"], cli_env, project)
     assert result.returncode == 2 and b"not found in any CI file triggered by schedule" \
         in result.stderr
+    (project / ".github/workflows/vars.yml").write_text(
+        "on: workflow_dispatch\nenv: {WHO: file}\n"
+        "jobs: {greet: {steps: [{run: 'echo \"who=$WHO\"'}]}}\n")
+    result = kata_ci_run(["greet", "--event", "workflow_dispatch", "--var", "WHO=cli"], cli_env,
+                         project, timeout=300)
+    assert result.returncode == 0 and b"who=cli" in result.stdout, result.stderr
     result = kata_ci_run(["build", "--event", "workflow_dispatch"], cli_env, project,
                          timeout=300)
     assert result.returncode == 0, result.stderr
