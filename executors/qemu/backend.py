@@ -197,7 +197,9 @@ class QemuVM(VM):
         (self.paths.root / RECORD).write_text(json.dumps(pids))
 
     def _wait_for(self, path: Path, deadline: float, what: str) -> None:
-        while not path.exists():
+        """Until a unix socket *listens*: its file appears at bind(), before listen(), and
+        connecting in between is refused (seen with two VMs starting at once)."""
+        while not _listening(path):
             self.check()
             if time.monotonic() > deadline:
                 raise SystemFailure(f"no {what} within {self._boot_timeout:g}s",
@@ -295,6 +297,26 @@ def reap_orphans(run_root: Path) -> list[str]:
         shutil.rmtree(vm_dir, ignore_errors=True)
         reaped.append(vm_dir.name)
     return reaped
+
+
+_ACCEPTCON = 0x10000  # __SO_ACCEPTCON in /proc/net/unix: the socket is listening
+
+
+def _listening(path: Path) -> bool:
+    """Whether a unix socket is bound at ``path`` and listening, without connecting to it
+    (virtiofsd serves exactly one connection: a probe would use it up)."""
+    if not path.exists():
+        return False
+    try:
+        table = Path("/proc/net/unix").read_text()
+    except OSError:
+        return True  # no way to tell: the file is there
+    wanted = str(path)
+    for line in table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == wanted and int(fields[3], 16) & _ACCEPTCON:
+            return True
+    return False
 
 
 def pid_alive(pid: object) -> bool:

@@ -151,3 +151,24 @@ def _processes_named(marker: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_socket_counts_as_ready_only_once_it_listens(tmp_path: Path) -> None:
+    """A unix socket that is bound but not yet listening (the window in which connect() is
+    refused) is not ready; after listen() it is."""
+    import socket as socket_mod
+
+    from kata_ci.executors.qemu.backend import _listening
+
+    sock_dir = tempfile.mkdtemp(prefix="kci-l-", dir="/tmp")
+    path = Path(sock_dir) / "s.sock"
+    server = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    try:
+        assert not _listening(path)
+        server.bind(str(path))
+        assert path.exists() and not _listening(path)
+        server.listen()
+        assert _listening(path)
+    finally:
+        server.close()
+        shutil.rmtree(sock_dir)
