@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from kata_ci.errors import UserError
+from kata_ci.runner.dag import find_cycle
 from kata_ci.runner.github_expr import ExpressionError, evaluate
 
 WORKFLOW_KEYS = {"name", "run-name", "on", "permissions", "env", "defaults", "concurrency",
@@ -237,18 +238,8 @@ def _check_expression(text: str, where: str, job: str) -> None:
 
 
 def _check_cycles(jobs: dict[str, Any], path: Path) -> None:
-    state: dict[str, int] = {}
-
-    def visit(name: str, trail: list[str]) -> None:
-        if state.get(name) == 1:
-            raise WorkflowError(f"{path}: needs form a cycle: {' -> '.join([*trail, name])}")
-        if state.get(name) == 2:
-            return
-        state[name] = 1
-        needs = jobs[name].get("needs", [])
-        for dep in [needs] if isinstance(needs, str) else needs:
-            visit(dep, [*trail, name])
-        state[name] = 2
-
-    for name in jobs:
-        visit(name, [])
+    graph = {name: [body["needs"]] if isinstance(body.get("needs"), str)
+             else list(body.get("needs", [])) for name, body in jobs.items()}
+    cycle = find_cycle(graph)
+    if cycle:
+        raise WorkflowError(f"{path}: needs form a cycle: {' -> '.join(cycle)}")

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from kata_ci.errors import UserError
+from kata_ci.runner.dag import find_cycle
 from kata_ci.runner.gitlab_expr import evaluate
 
 JOB_KEYS = {
@@ -414,17 +415,6 @@ def _check_needs(jobs: list[CIJob], path: Path, lines: dict[str, int]) -> None:
                               "which is not a job of this pipeline")
         job.needs = resolved
         graph[job.name] = resolved
-    state: dict[str, int] = {}
-
-    def visit(name: str, trail: list[str]) -> None:
-        if state.get(name) == 1:
-            raise CIError(f"{path}: needs form a cycle: {' -> '.join([*trail, name])}")
-        if state.get(name) == 2:
-            return
-        state[name] = 1
-        for dep in graph.get(name, []):
-            visit(dep, [*trail, name])
-        state[name] = 2
-
-    for name in graph:
-        visit(name, [])
+    cycle = find_cycle(graph)
+    if cycle:
+        raise CIError(f"{path}: needs form a cycle: {' -> '.join(cycle)}")

@@ -251,3 +251,12 @@ def test_prefixed_output_emits_whole_lines() -> None:
     out.flush("a")
     assert seen == [("b", "stdout", b"one\n"), ("a", "stdout", b"partial\n"),
                     ("a", "stdout", b"next\n")]
+
+
+def test_find_cycle_reports_the_loop_only() -> None:
+    """The reported cycle starts and ends at the same job, without the path leading to it."""
+    from kata_ci.runner.dag import find_cycle
+
+    assert find_cycle({"x": ["a"], "a": ["b"], "b": ["a"]}) == ["a", "b", "a"]
+    assert find_cycle({"a": ["b"], "b": []}) is None
+    assert find_cycle({"a": ["a"]}) == ["a", "a"]
