@@ -26,7 +26,7 @@ from kata_ci.executors.qemu.backend import QemuBackend
 from kata_ci.runner.github_expr import evaluate, render, truthy, uses_status_function
 from kata_ci.runner.github_wf import GHJob, Step, Workflow
 from kata_ci.runner.job import JobRequest, OutcomeKind, run_job
-from kata_ci.runner.pipeline import JobResult, _Sink
+from kata_ci.runner.pipeline import CallbackSink, JobResult
 
 FILES = "/tmp/kata-ci-gh"
 SHELLS = {"bash": "bash --noprofile --norc -eo pipefail {0}", "sh": "sh -e {0}",
@@ -41,7 +41,6 @@ class JobState:
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # from $GITHUB_ENV
     path: list[str] = field(default_factory=list)  # from $GITHUB_PATH, newest first
-    outputs: dict[str, str] = field(default_factory=dict)
 
 
 def parse_env_file(text: str) -> dict[str, str]:
@@ -180,7 +179,7 @@ def _step(vm: VM, job: GHJob, step: Step, state: JobState, rc: RunContext,
                   max(1.0, deadline - time.monotonic()))
     request = JobRequest(template.replace("{0}", script).split(), full_env, cwd, timeout,
                          rc.grace)
-    outcome = run_job(vm, request, _Sink(rc.emit), rc.cancelled.is_set)
+    outcome = run_job(vm, request, CallbackSink(rc.emit), rc.cancelled.is_set)
     if outcome.kind is OutcomeKind.SYSTEM_FAILURE:
         rc.emit("stderr", f"kata-ci: system failure: {outcome.message}\n".encode())
         return JobResult(job.name, "system failure", message=outcome.message)

@@ -121,7 +121,9 @@ class PrefixedOutput:
                     self.write(job, stream, rest + b"\n")
 
 
-class _Sink:
+class CallbackSink:
+    """A LogSink that hands each chunk to a function (the per-job prefixer)."""
+
     def __init__(self, emit: Callable[[StreamName, bytes], None]) -> None:
         self.emit = emit
 
@@ -137,7 +139,7 @@ def run_one(job: CIJob, backend: QemuBackend, base: VMSpec, project: Path,
     for key in job.unsupported:
         emit("stderr", f"kata-ci: {key}: is not honoured without a registry; the job runs in "
                        f"the kata-ci VM image\n".encode())
-    sink = _Sink(emit)
+    sink = CallbackSink(emit)
     full_env = guest_env(env)  # already merged: predefined < global < job < --var
     with backend.create(replace(base, workspace=project)) as vm:
         try:
