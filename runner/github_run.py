@@ -90,10 +90,22 @@ class RunContext:
     boot_timeout: float
 
 
+def _expression_body(text: str) -> str:
+    """The expression of a field that may be written with or without ${{ }}."""
+    body = text.strip()
+    return body[3:-2] if body.startswith("${{") and body.endswith("}}") else body
+
+
+def _flag(value: Any, ctx: Mapping[str, Any]) -> bool:
+    """A boolean field such as continue-on-error: a literal, or an expression
+    (`continue-on-error: ${{ matrix.experimental }}`)."""
+    if isinstance(value, str):
+        return truthy(evaluate(_expression_body(value), ctx))
+    return bool(value)
+
+
 def _condition(text: str | None, ctx: Mapping[str, Any], functions: Mapping[str, Any]) -> bool:
-    body = (text or "").strip()
-    if body.startswith("${{") and body.endswith("}}"):
-        body = body[3:-2]
+    body = _expression_body(text or "")
     if not body:
         body = "success()"
     elif not uses_status_function(body):
@@ -122,7 +134,7 @@ def run_gh_job(job: GHJob, backend: QemuBackend, base: VMSpec, rc: RunContext) -
     ctx = _contexts(job, state, rc)
     outputs = {k: render(v, ctx) for k, v in job.outputs.items()}
     status = {"success": "success", "failure": "failed", "cancelled": "cancelled"}[state.status]
-    if status == "failed" and truthy(job.continue_on_error):
+    if status == "failed" and _flag(job.continue_on_error, ctx):
         status = "warning"
     return JobResult(job.name, status, time.monotonic() - started, outputs=outputs)
 
@@ -188,9 +200,8 @@ def _step(vm: VM, job: GHJob, step: Step, state: JobState, rc: RunContext,
         rc.emit("stdout", f"── step summary ──\n{summary.rstrip()}\n".encode())
     ok = outcome.kind is OutcomeKind.SUCCESS
     record["outcome"] = "success" if ok else "failure"
-    record["conclusion"] = "success" if ok or truthy(
-        evaluate(str(step.continue_on_error), ctx) if isinstance(step.continue_on_error, str)
-        else step.continue_on_error) else "failure"
+    record["conclusion"] = "success" if ok or _flag(step.continue_on_error, ctx) \
+        else "failure"
     if outcome.kind is OutcomeKind.CANCELLED:
         state.status = "cancelled"
     elif record["conclusion"] == "failure":

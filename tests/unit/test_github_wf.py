@@ -116,3 +116,13 @@ jobs:
     assert results == {"m (1)": "failed", "m (2)": "cancelled", "m (3)": "cancelled",
                        "after": "skipped", "report": "success"}
     assert rc.needs["m"]["result"] == "failure"
+
+
+def test_continue_on_error_may_be_an_expression() -> None:
+    """continue-on-error takes a boolean or an expression, e.g. `${{ matrix.experimental }}`
+    (workflow-syntax: jobs.<id>.continue-on-error, with the documented matrix example)."""
+    from kata_ci.runner.github_run import _flag
+
+    assert _flag("${{ matrix.experimental }}", {"matrix": {"experimental": False}}) is False
+    assert _flag("${{ matrix.experimental }}", {"matrix": {"experimental": True}}) is True
+    assert _flag(True, {}) is True and _flag(False, {}) is False
