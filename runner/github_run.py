@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from kata_ci.errors import SystemFailure
-from kata_ci.executors.agent_client import StreamName
 from kata_ci.executors.base import VM, VMSpec
 from kata_ci.executors.qemu.backend import QemuBackend
 from kata_ci.runner.github_expr import evaluate, render, truthy, uses_status_function
 from kata_ci.runner.github_wf import GHJob, Step, Workflow
 from kata_ci.runner.job import JobRequest, OutcomeKind, run_job
-from kata_ci.runner.pipeline import CallbackSink, JobResult
+from kata_ci.runner.pipeline import CallbackSink, Emit, JobResult
 
 FILES = "/tmp/kata-ci-gh"
 SHELLS = {"bash": "bash --noprofile --norc -eo pipefail {0}", "sh": "sh -e {0}",
@@ -84,7 +83,7 @@ class RunContext:
     workspace: Path
     github: dict[str, Any]
     needs: dict[str, dict[str, Any]]  # finished jobs: result and outputs
-    emit: Callable[[StreamName, bytes], None]
+    emit: Emit
     cancelled: threading.Event
     grace: float
     boot_timeout: float

@@ -30,7 +30,7 @@ from kata_ci.runner.local import guest_env
 
 AFTER_SCRIPT_TIMEOUT = 300.0  # GitLab's fixed after_script limit
 COLOURS = ["cyan", "magenta", "green", "yellow", "blue", "red"]
-Emit = Callable[[str, StreamName, bytes], None]
+Emit = Callable[[StreamName, bytes], None]  # one job's output, chunk by chunk
 
 
 def _git(project: Path, *args: str) -> str:
@@ -101,7 +101,7 @@ class PrefixedOutput:
         self.partial: dict[tuple[str, StreamName], bytes] = {}
         self.lock = threading.Lock()
 
-    def sink(self, job: str) -> Callable[[StreamName, bytes], None]:
+    def sink(self, job: str) -> Emit:
         def emit(stream: StreamName, data: bytes) -> None:
             with self.lock:
                 buffered = self.partial.pop((job, stream), b"") + data
@@ -124,7 +124,7 @@ class PrefixedOutput:
 class CallbackSink:
     """A LogSink that hands each chunk to a function (the per-job prefixer)."""
 
-    def __init__(self, emit: Callable[[StreamName, bytes], None]) -> None:
+    def __init__(self, emit: Emit) -> None:
         self.emit = emit
 
     def write(self, stream: StreamName, data: bytes) -> None:
@@ -132,7 +132,7 @@ class CallbackSink:
 
 
 def run_one(job: CIJob, backend: QemuBackend, base: VMSpec, project: Path,
-            env: Mapping[str, str], emit: Callable[[StreamName, bytes], None],
+            env: Mapping[str, str], emit: Emit,
             default_timeout: float, grace: float, boot_timeout: float,
             cancelled: threading.Event) -> JobResult:
     started = time.monotonic()
