@@ -28,6 +28,9 @@ from kata_ci.runner.job import JobRequest, OutcomeKind, run_job
 from kata_ci.runner.pipeline import CallbackSink, Emit, JobResult
 
 FILES = "/tmp/kata-ci-gh"
+# $GITHUB_ENV, $GITHUB_PATH, $GITHUB_OUTPUT, $GITHUB_STEP_SUMMARY: emptied before each step,
+# read back after it, in this order.
+STEP_FILES = ("env", "path", "output", "summary")
 SHELLS = {"bash": "bash --noprofile --norc -eo pipefail {0}", "sh": "sh -e {0}",
           "python": "python3 {0}", "pwsh": "", "powershell": "", "cmd": ""}
 _SEP = "\x1e"
@@ -180,9 +183,9 @@ def _step(vm: VM, job: GHJob, step: Step, state: JobState, rc: RunContext,
     workdir = render(step.working_directory or job.working_directory or "", ctx, functions)
     cwd = str(rc.workspace / workdir) if workdir else str(rc.workspace)
     script = f"{FILES}/step{step.index}"
-    write = ["sh", "-c", f'mkdir -p {FILES} && printf %s "$1" > "$2" && '
-             f": > {FILES}/env && : > {FILES}/path && : > {FILES}/output && "
-             f": > {FILES}/summary", "sh", render(step.run or "", ctx, functions), script]
+    empty = " && ".join(f": > {FILES}/{name}" for name in STEP_FILES)
+    write = ["sh", "-c", f'mkdir -p {FILES} && printf %s "$1" > "$2" && {empty}', "sh",
+             render(step.run or "", ctx, functions), script]
     _quiet(vm, write)
     full_env = {**_github_env(rc, job), **env,
                 "PATH": ":".join([*state.path, env.get("PATH", GUEST_PATH)])}
@@ -232,8 +235,7 @@ def _quiet(vm: VM, argv: list[str]) -> bytes:
 
 def _collect_files(vm: VM, state: JobState, record: dict[str, Any]) -> str:
     """Read back the step's GITHUB_* files; returns the step summary (markdown)."""
-    names = ("env", "path", "output", "summary")
-    script = "; ".join(f"cat {FILES}/{n} 2>/dev/null; printf '{_SEP}'" for n in names)
+    script = "; ".join(f"cat {FILES}/{n} 2>/dev/null; printf '{_SEP}'" for n in STEP_FILES)
     parts = _quiet(vm, ["sh", "-c", script]).decode(errors="replace").split(_SEP)
     env, path, output, summary = [*parts, "", "", "", ""][:4]
     state.env.update(parse_env_file(env))
