@@ -21,11 +21,13 @@ from kata_ci.errors import UserError
 from kata_ci.runner import config as config_mod
 from kata_ci.runner.job import EXIT_CANCELLED, EXIT_SYSTEM_FAILURE, EXIT_TIMEOUT
 from kata_ci.runner.jobstore import FINAL, JobStore
+from kata_ci.runner.local import TerminalSink
 
 err = Console(stderr=True, highlight=False)
 EXIT_USAGE = 2
 FINAL_STATUS = {"timeout": EXIT_TIMEOUT, "cancelled": EXIT_CANCELLED,
                 "system_failure": EXIT_SYSTEM_FAILURE, "success": 0}
+TERMINAL = TerminalSink()  # stored "kata-ci" notes go to stderr, like the job's stderr
 config_option = click.option("--config", "config_path", type=click.Path(path_type=Path),
                              help="TOML config file (default: ~/.config/kata-ci/config.toml).")
 
@@ -128,7 +130,7 @@ def logs(job_id: str, follow: bool, config_path: Path | None) -> None:
     if follow:
         sys.exit(_follow(store, job_id, cancel_on_interrupt=False))
     for stream, data in store.read_log(job_id):
-        _write(stream, data)
+        TERMINAL.write(stream, data)
 
 
 @click.command()
@@ -141,17 +143,11 @@ def cancel(job_id: str, config_path: Path | None) -> None:
     click.echo(f"{job_id}: {store.request_cancel(job_id)}")
 
 
-def _write(stream: str, data: bytes) -> None:
-    target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-    target.write(data)
-    target.flush()
-
-
 def _follow(store: JobStore, job_id: str, cancel_on_interrupt: bool,
             cancel_wait: float = 60.0) -> int:
     try:
         for stream, data in store.read_log(job_id, follow=True):
-            _write(stream, data)
+            TERMINAL.write(stream, data)
     except KeyboardInterrupt:
         if not cancel_on_interrupt:
             return EXIT_CANCELLED

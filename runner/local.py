@@ -19,7 +19,6 @@ from types import FrameType
 from kata_ci import paths
 from kata_ci.errors import SystemFailure, UserError
 from kata_ci.executors.accel import choose
-from kata_ci.executors.agent_client import StreamName
 from kata_ci.executors.base import VMSpec
 from kata_ci.executors.qemu.backend import QemuBackend, reap_orphans
 from kata_ci.images.build import load_current
@@ -31,9 +30,9 @@ Notify = Callable[[str], None]
 
 
 class TerminalSink:
-    """Guest stdout to our stdout, guest stderr to our stderr, unbuffered."""
+    """Guest stdout to our stdout; stderr (and stored kata-ci notes) to stderr; unbuffered."""
 
-    def write(self, stream: StreamName, data: bytes) -> None:
+    def write(self, stream: str, data: bytes) -> None:
         target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
         target.write(data)
         target.flush()
