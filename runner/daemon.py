@@ -28,9 +28,10 @@ from typing import Any
 from celery import Celery
 
 from kata_ci import paths
-from kata_ci.errors import KataCIError, SystemFailure
+from kata_ci.errors import KataCIError, SystemFailure, UserError
 from kata_ci.executors.agent_client import StreamName
-from kata_ci.executors.qemu.backend import pid_alive, reap_orphans
+from kata_ci.executors.base import VMSpec
+from kata_ci.executors.qemu.backend import QemuBackend, pid_alive, reap_orphans
 from kata_ci.runner.config import Config
 from kata_ci.runner.job import JobRequest, Outcome, OutcomeKind, run_job
 from kata_ci.runner.jobstore import JobStore
@@ -79,11 +80,14 @@ class RedisSink:
 
 
 class Daemon:
-    def __init__(self, config: Config, store: JobStore, name: str) -> None:
+    def __init__(self, config: Config, store: JobStore, name: str, backend: QemuBackend,
+                 base: VMSpec) -> None:
         self.config = config
         self.store = store
         self.name = name
         self.host = socket.gethostname()
+        self.backend = backend
+        self.base = base
 
     def reap(self, requeue: Callable[[str, str], None]) -> list[str]:
         """At start: VMs, workspaces and jobs left by a worker on this host that died
@@ -146,7 +150,7 @@ class Daemon:
         workdir = Path(tempfile.mkdtemp(prefix=f"kata-ci-{job_id}-"))
         try:
             unpack(packed, workdir)
-            backend, base = acquire(self.config, lambda m: log.warning("%s", m))
+            base = self.base
             size = self.config.labels.get(label, {})
             spec = dataclasses.replace(base, workspace=workdir, guest_workdir=GUEST_WORKDIR,
                                        vcpus=size.get("vcpus", base.vcpus),
@@ -154,7 +158,7 @@ class Daemon:
             limit = self.config.queue.max_job_timeout
             request = JobRequest(argv=argv, env=guest_env({}), cwd=GUEST_WORKDIR,
                                  timeout=min(timeout or limit, limit), grace=self.config.vm.grace)
-            with backend.create(spec) as vm:
+            with self.backend.create(spec) as vm:
                 try:
                     vm.start(self.config.vm.boot_timeout)
                 except SystemFailure as exc:
@@ -175,8 +179,6 @@ def pack(directory: Path) -> bytes:
         tar.add(directory, arcname=".")
     data = buffer.getvalue()
     if len(data) > MAX_WORKSPACE:
-        from kata_ci.errors import UserError
-
         raise UserError(f"workspace {directory} packs to {len(data) >> 20} MiB, over the "
                         f"{MAX_WORKSPACE >> 20} MiB limit")
     return data
@@ -191,7 +193,10 @@ def start_worker(config: Config, labels: list[str], concurrency: int) -> None:
     """Run the Celery worker in this process until it is stopped (blocks)."""
     store = JobStore.connect(config.queue.broker, config.queue.log_limit_mib << 20)
     name = f"kata-ci-{socket.gethostname()}-{os.getpid()}"
-    daemon = Daemon(config, store, name)
+    # Images and acceleration once per worker, not per job: a worker without images refuses
+    # to start instead of failing every job it takes.
+    backend, base = acquire(config, lambda m: log.warning("%s", m))
+    daemon = Daemon(config, store, name, backend, base)
     app = make_app(config.queue.broker, config.queue.max_job_timeout)
     for job_id in daemon.reap(lambda job, label: app.send_task(TASK, args=[job],
                                                                 queue=queue_name(label))):
