@@ -22,7 +22,8 @@ from kata_ci.runner.config import Config
 from kata_ci.runner.github_run import RunContext, run_gh_job, run_workflow_jobs
 from kata_ci.runner.github_wf import GHJob, Workflow, load_workflow
 from kata_ci.runner.gitlab_ci import CIJob, Pipeline, load
-from kata_ci.runner.local import acquire
+from kata_ci.runner.job import EXIT_CANCELLED
+from kata_ci.runner.local import TerminalSink, acquire
 from kata_ci.runner.pipeline import (
     COLOURS,
     JobResult,
@@ -181,14 +182,13 @@ def run_selected(found: Found, target: Pipeline | Workflow, names: list[str], on
     backend, base = acquire(config, lambda m: console.print(f"[yellow]kata-ci:[/] {m}"))
     colour = {name: COLOURS[i % len(COLOURS)] for i, name in enumerate(job_names)}
     tty = sys.stdout.isatty()
+    terminal = TerminalSink()
 
     def write(job: str, stream: StreamName, line: bytes) -> None:
         prefix = f"[{job}] "
         if tty:
             prefix = f"\x1b[{ANSI[colour[job]]}m{prefix}\x1b[0m"
-        target_stream = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-        target_stream.write(prefix.encode() + line if len(job_names) > 1 else line)
-        target_stream.flush()
+        terminal.write(stream, prefix.encode() + line if len(job_names) > 1 else line)
 
     output = PrefixedOutput(write)
     cancelled = threading.Event()
@@ -224,7 +224,7 @@ def run_selected(found: Found, target: Pipeline | Workflow, names: list[str], on
         signal.signal(signal.SIGTERM, previous)
     _summary(results, groups, console)
     if cancelled.is_set():
-        return 130
+        return EXIT_CANCELLED
     return 0 if all(r.ok for r in results) else 1
 
 
