@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import re
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,15 +370,21 @@ def _changes(patterns: Any, project: Path) -> bool:
     """Locally there is no push: compare the working tree and the last commit with HEAD~1.
     Outside git (or on the first commit) every file counts as changed, as GitLab does for a
     new branch."""
-    import subprocess
-
     items = patterns.get("paths", []) if isinstance(patterns, dict) else patterns
-    try:
-        diff = subprocess.run(["git", "-C", str(project), "diff", "--name-only", "HEAD~1"],
-                              capture_output=True, text=True, check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
+    diff = git(project, "diff", "--name-only", "HEAD~1")
+    if diff is None:
         return True
-    return any(fnmatch.fnmatch(f, str(p)) for f in diff for p in items)
+    return any(fnmatch.fnmatch(f, str(p)) for f in diff.split() for p in items)
+
+
+def git(project: Path, *args: str) -> str | None:
+    """Output of a git command in the project, stripped; None when git fails (no repository,
+    no such revision)."""
+    try:
+        return subprocess.run(["git", "-C", str(project), *args], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def parse_duration(value: Any, where: str) -> float | None:

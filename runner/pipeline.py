@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -24,7 +23,7 @@ from kata_ci.errors import SystemFailure
 from kata_ci.executors.agent_client import StreamName
 from kata_ci.executors.base import VMSpec
 from kata_ci.executors.qemu.backend import QemuBackend
-from kata_ci.runner.gitlab_ci import CIJob, Pipeline
+from kata_ci.runner.gitlab_ci import CIJob, Pipeline, git
 from kata_ci.runner.job import JobRequest, Outcome, OutcomeKind, run_job
 from kata_ci.runner.local import guest_env
 
@@ -34,11 +33,7 @@ Emit = Callable[[StreamName, bytes], None]  # one job's output, chunk by chunk
 
 
 def _git(project: Path, *args: str) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(project), *args], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
+    return git(project, *args) or ""
 
 
 def slug(text: str) -> str:
