@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kata_ci.runner.gitlab_ci import load
-from kata_ci.runner.pipeline import job_script, predefined_variables
+from kata_ci.runner.gitlab.ci_file import load
+from kata_ci.runner.gitlab.jobs import job_script, predefined_variables
 
 PIPELINE = """\
 stages: [build, test, deploy]

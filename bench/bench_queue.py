@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from kata_ci.runner.jobstore import FINAL, JobStore
+from kata_ci.runner.core.outcome import FINAL
+from kata_ci.runner.queue.store import JobStore
 from tests.integration.redis_server import RedisServer
 
 KATA_CI = [sys.executable, "-m", "kata_ci.runner.cli"]

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kata_ci import paths
-from kata_ci.executors.accel import choose
 from kata_ci.executors.base import VMSpec
+from kata_ci.executors.qemu.accel import choose
 from kata_ci.executors.qemu.backend import QemuBackend, QemuVM
 from kata_ci.images.build import load_current
 

@@ -160,6 +160,37 @@ class AgentClient:
             raise SystemFailure(f"agent did not take the signal: {_describe(exc)}") from None
         return bool(reply.found)
 
+    def put_files(self, files: Mapping[str, bytes], mode: int = 0o644,
+                  timeout: float = 30.0) -> None:
+        """Write small files into the guest (agent.proto PutFiles)."""
+        request = pb.PutFilesRequest(files=[pb.File(path=path, data=data, mode=mode)
+                                            for path, data in files.items()])
+        try:
+            self._stub.PutFiles(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise SystemFailure(f"agent could not write files: {_describe(exc)}") from None
+
+    def get_files(self, paths: Sequence[str], max_bytes: int,
+                  timeout: float = 30.0) -> dict[str, bytes | None]:
+        """Small files from the guest, each cut at ``max_bytes``; None for a missing one.
+
+        The reply is guest-controlled: only the paths asked for are accepted, and nothing
+        longer than ``max_bytes``, whatever the guest sends.
+        """
+        try:
+            reply = self._stub.GetFiles(pb.GetFilesRequest(paths=list(paths),
+                                                           max_bytes=max_bytes),
+                                        timeout=timeout)
+        except grpc.RpcError as exc:
+            raise SystemFailure(f"agent could not read files: {_describe(exc)}") from None
+        got: dict[str, bytes | None] = {}
+        for item in reply.files:
+            if item.path in paths and item.path not in got:
+                got[item.path] = None if item.missing else bytes(item.data[:max_bytes])
+        if set(got) != set(paths):
+            raise SystemFailure("agent's GetFiles reply does not match the request")
+        return got
+
     def shutdown(self, timeout: float = 2.0) -> None:
         try:
             self._stub.Shutdown(pb.ShutdownRequest(), timeout=timeout)

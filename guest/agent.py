@@ -34,6 +34,7 @@ SOCKET = "/run/kata-ci-agent.sock"
 READ_CHUNK = 1024 * 1024
 CLOCK_TOLERANCE_NS = 200_000_000  # step the clock only when it is really off, never jitter it
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PUT_FILES_LIMIT = 4 << 20  # agent.proto: PutFiles carries small files only
 
 
 def uptime() -> float:
@@ -130,6 +131,57 @@ class AgentService(pb_grpc.AgentServicer):
         os.sync()
         self.on_shutdown.set()
         return pb.ShutdownResponse()
+
+
+    def PutFiles(
+        self, request: pb.PutFilesRequest, context: grpc.ServicerContext
+    ) -> pb.PutFilesResponse:
+        problem = _put_problem(request)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        for item in request.files:
+            os.makedirs(os.path.dirname(item.path) or "/", exist_ok=True)
+            # Replace, never write through: a job may have left a link at this path.
+            tmp = f"{item.path}.kata-ci-{os.getpid()}-{threading.get_ident()}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         item.mode or 0o644)
+            try:
+                os.write(fd, item.data)
+                os.fchmod(fd, item.mode or 0o644)
+            finally:
+                os.close(fd)
+            os.replace(tmp, item.path)
+        return pb.PutFilesResponse()
+
+    def GetFiles(
+        self, request: pb.GetFilesRequest, context: grpc.ServicerContext
+    ) -> pb.GetFilesResponse:
+        reply = pb.GetFilesResponse()
+        for path in request.paths:
+            if not os.path.isabs(path):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"relative path {path!r}")
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read(request.max_bytes + 1)
+            except FileNotFoundError:
+                reply.files.append(pb.File(path=path, missing=True))
+                continue
+            except OSError as exc:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{path}: {exc}")
+            cut = len(data) > request.max_bytes
+            reply.files.append(pb.File(path=path, data=data[: request.max_bytes], truncated=cut))
+        return reply
+
+
+def _put_problem(request: pb.PutFilesRequest) -> str:
+    total = 0
+    for item in request.files:
+        if not os.path.isabs(item.path):
+            return f"relative path {item.path!r}"
+        total += len(item.data)
+    if total > PUT_FILES_LIMIT:
+        return f"{total} bytes in one PutFiles call, over {PUT_FILES_LIMIT}"
+    return ""
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

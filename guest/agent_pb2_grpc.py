@@ -54,6 +54,16 @@ class AgentStub:
                 request_serializer=kata__ci_dot_guest_dot_agent__pb2.ShutdownRequest.SerializeToString,
                 response_deserializer=kata__ci_dot_guest_dot_agent__pb2.ShutdownResponse.FromString,
                 _registered_method=True)
+        self.PutFiles = channel.unary_unary(
+                '/kataci.agent.v1.Agent/PutFiles',
+                request_serializer=kata__ci_dot_guest_dot_agent__pb2.PutFilesRequest.SerializeToString,
+                response_deserializer=kata__ci_dot_guest_dot_agent__pb2.PutFilesResponse.FromString,
+                _registered_method=True)
+        self.GetFiles = channel.unary_unary(
+                '/kataci.agent.v1.Agent/GetFiles',
+                request_serializer=kata__ci_dot_guest_dot_agent__pb2.GetFilesRequest.SerializeToString,
+                response_deserializer=kata__ci_dot_guest_dot_agent__pb2.GetFilesResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -97,6 +107,25 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutFiles(self, request, context):
+        """PutFiles writes small files into the guest (a step's script, the emptied GITHUB_* files):
+        each is created or replaced with the given mode, its parent directories made. The guest
+        refuses relative paths and more than 4 MiB of data in one call (INVALID_ARGUMENT), and
+        writes nothing then. Larger transfers (artifacts, caches) are not this RPC's job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFiles(self, request, context):
+        """GetFiles reads small files back (the GITHUB_* files a step wrote). Each file is cut at
+        max_bytes (`truncated` says so) and a missing one is reported as `missing`, not an error.
+        Everything in the reply is guest-controlled: the host checks the paths and sizes again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +148,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.Shutdown,
                     request_deserializer=kata__ci_dot_guest_dot_agent__pb2.ShutdownRequest.FromString,
                     response_serializer=kata__ci_dot_guest_dot_agent__pb2.ShutdownResponse.SerializeToString,
+            ),
+            'PutFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutFiles,
+                    request_deserializer=kata__ci_dot_guest_dot_agent__pb2.PutFilesRequest.FromString,
+                    response_serializer=kata__ci_dot_guest_dot_agent__pb2.PutFilesResponse.SerializeToString,
+            ),
+            'GetFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFiles,
+                    request_deserializer=kata__ci_dot_guest_dot_agent__pb2.GetFilesRequest.FromString,
+                    response_serializer=kata__ci_dot_guest_dot_agent__pb2.GetFilesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,6 +268,60 @@ class Agent:
             '/kataci.agent.v1.Agent/Shutdown',
             kata__ci_dot_guest_dot_agent__pb2.ShutdownRequest.SerializeToString,
             kata__ci_dot_guest_dot_agent__pb2.ShutdownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kataci.agent.v1.Agent/PutFiles',
+            kata__ci_dot_guest_dot_agent__pb2.PutFilesRequest.SerializeToString,
+            kata__ci_dot_guest_dot_agent__pb2.PutFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kataci.agent.v1.Agent/GetFiles',
+            kata__ci_dot_guest_dot_agent__pb2.GetFilesRequest.SerializeToString,
+            kata__ci_dot_guest_dot_agent__pb2.GetFilesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,6 +25,7 @@ from kata_ci.errors import SystemFailure
 from kata_ci.executors.agent_client import AgentClient, VirtioSerialChannel
 from kata_ci.executors.base import VM, Accel, Backend, BootTimes, Capabilities, VMSpec
 from kata_ci.executors.qemu.argv import AGENT_PORT_ID, VMPaths, qemu_argv, virtiofsd_argv
+from kata_ci.procs import pid_alive
 
 RECORD = "vm.json"
 
@@ -317,18 +318,6 @@ def _listening(path: Path) -> bool:
         if len(fields) >= 8 and fields[7] == wanted and int(fields[3], 16) & _ACCEPTCON:
             return True
     return False
-
-
-def pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _cmdline_mentions(pid: int, vm_id: str) -> bool:

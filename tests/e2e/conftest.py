@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from kata_ci import paths
-from kata_ci.executors.accel import choose
 from kata_ci.executors.base import VMSpec
+from kata_ci.executors.qemu.accel import choose
 from kata_ci.executors.qemu.backend import QemuBackend, QemuVM
 from kata_ci.images.artifacts import Manifest
 from kata_ci.images.build import load_current

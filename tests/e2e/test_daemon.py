@@ -19,8 +19,9 @@ import pytest
 import redis
 from kombu.connection import Connection
 
-from kata_ci.runner.daemon import TASK, make_app, queue_name
-from kata_ci.runner.jobstore import FINAL, JobStore
+from kata_ci.runner.core.outcome import FINAL
+from kata_ci.runner.queue.app import TASK, make_app, queue_name
+from kata_ci.runner.queue.store import JobStore
 from tests.e2e.conftest import KATA_CI, leftovers
 from tests.integration.redis_server import RedisServer, free_port
 
@@ -250,3 +251,17 @@ def test_a_job_allowing_retry_runs_again_after_its_worker_died(
     assert b"retrying once" in b"".join(d for _, d in store.read_log(job_id))
     assert not list(Path(tempfile.gettempdir()).glob(f"kata-ci-{job_id}-*"))
     assert worker.leftovers() == []
+
+
+def test_worker_term_does_not_leak_and_submit_passes_env(
+        workers: Callable[..., Worker], config: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A queued job sees what its submitter gave (`submit -e`), not the worker's TERM."""
+    monkeypatch.setenv("TERM", "worker-term")
+    workers()
+    env = {k: v for k, v in os.environ.items() if k != "TERM"}
+    result = subprocess.run([*KATA_CI, "submit", "--config", str(config), "-e", "FOO=bar",
+                             "--", "sh", "-c", 'echo "FOO=$FOO TERM=${TERM-unset}"'],
+                            cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"FOO=bar TERM=unset\n"

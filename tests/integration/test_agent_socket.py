@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from kata_ci.errors import SystemFailure
 from kata_ci.executors.agent_client import AgentClient, Output, VirtioSerialChannel
 from kata_ci.guest.agent import make_server
 
@@ -172,3 +173,42 @@ def test_socket_counts_as_ready_only_once_it_listens(tmp_path: Path) -> None:
     finally:
         server.close()
         shutil.rmtree(sock_dir)
+
+
+def test_put_and_get_files_round_trip(agent: tuple[AgentClient, threading.Event],
+                                      tmp_path: Path) -> None:
+    """PutFiles creates parents and sets the mode; GetFiles returns the bytes, None for a
+    missing file, and cuts a long file at max_bytes."""
+    client, _ = agent
+    script, empty = str(tmp_path / "deep" / "step0"), str(tmp_path / "deep" / "env")
+    client.put_files({script: b"echo hi\n", empty: b""}, mode=0o700)
+    assert os.stat(script).st_mode & 0o777 == 0o700
+    (tmp_path / "big").write_bytes(b"x" * 100)
+    got = client.get_files([script, empty, str(tmp_path / "nope"), str(tmp_path / "big")], 10)
+    assert got == {script: b"echo hi\n", empty: b"", str(tmp_path / "nope"): None,
+                   str(tmp_path / "big"): b"x" * 10}
+
+
+def test_put_files_replaces_a_link_instead_of_writing_through_it(
+        agent: tuple[AgentClient, threading.Event], tmp_path: Path) -> None:
+    """A job that leaves a symlink where the host will write (a GITHUB_* file) does not get
+    the host's bytes written to the link's target."""
+    client, _ = agent
+    target = tmp_path / "precious"
+    target.write_text("keep")
+    (tmp_path / "env").symlink_to(target)
+    client.put_files({str(tmp_path / "env"): b""})
+    assert target.read_text() == "keep" and not (tmp_path / "env").is_symlink()
+
+
+def test_file_rpcs_refuse_relative_paths_and_oversize(
+        agent: tuple[AgentClient, threading.Event], tmp_path: Path) -> None:
+    """Relative paths and a PutFiles over 4 MiB are refused as a whole; nothing is written."""
+    client, _ = agent
+    with pytest.raises(SystemFailure, match="relative path"):
+        client.put_files({str(tmp_path / "a"): b"1", "rel/b": b"2"})
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(SystemFailure, match=r"larger than max|over 4194304"):
+        client.put_files({str(tmp_path / "c"): b"x" * (5 << 20)})
+    with pytest.raises(SystemFailure, match="relative path"):
+        client.get_files(["rel"], 10)

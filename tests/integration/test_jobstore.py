@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from kata_ci.errors import UserError
-from kata_ci.runner.jobstore import TRUNCATED, JobStore
+from kata_ci.runner.queue.store import TRUNCATED, JobStore
 from tests.integration.redis_server import RedisServer
 
 

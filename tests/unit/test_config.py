@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kata_ci.errors import UserError
-from kata_ci.runner.config import load
+from kata_ci.runner.core.config import load
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jinja2
 
-from kata_ci.runner.config import load
+from kata_ci.runner.core.config import load
 
 ANSIBLE = Path(__file__).resolve().parents[2] / "ansible"
 

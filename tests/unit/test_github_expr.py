@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kata_ci.runner.github_expr import ExpressionError, evaluate, render
+from kata_ci.runner.github.expr import ExpressionError, evaluate, render
 
 CTX = {
     "github": {"event_name": "push", "ref": "refs/heads/main", "workspace": "/w"},

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 
-from kata_ci.runner.github_run import RunContext, _condition, parse_env_file, run_workflow_jobs
-from kata_ci.runner.github_wf import GHJob, WorkflowError, expand_matrix, load_workflow
-from kata_ci.runner.local_ci import select_gh
-from kata_ci.runner.pipeline import JobResult
+from kata_ci.runner.core.command import Cancel
+from kata_ci.runner.core.outcome import JobStatus
+from kata_ci.runner.core.schedule import JobResult
+from kata_ci.runner.github.jobs import schedule as run_workflow_jobs
+from kata_ci.runner.github.jobs import select as select_gh
+from kata_ci.runner.github.steps import RunContext, parse_env_file
+from kata_ci.runner.github.steps import condition as _condition
+from kata_ci.runner.github.workflow import GHJob, WorkflowError, expand_matrix, load_workflow
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "workflows"
 
@@ -109,10 +112,10 @@ jobs:
 
     def run(job: GHJob) -> JobResult:
         ran.append(job.name)
-        return JobResult(job.name, "failed" if job.name == "m (1)" else "success")
+        return JobResult(job.name, JobStatus.FAILED if job.name == "m (1)" else JobStatus.SUCCESS)
 
-    rc = RunContext(wf, tmp_path, {}, {}, lambda s, d: None, threading.Event(), 1, 1)
-    results = {r.name: r.status for r in run_workflow_jobs(wf, wf.jobs, 1, run, rc)}
+    rc = RunContext(wf, tmp_path, {}, {}, Cancel())
+    results = {r.name: r.status.value for r in run_workflow_jobs(wf, wf.jobs, 1, run, rc)}
     assert results == {"m (1)": "failed", "m (2)": "cancelled", "m (3)": "cancelled",
                        "after": "skipped", "report": "success"}
     assert rc.needs["m"]["result"] == "failure"
@@ -121,7 +124,7 @@ jobs:
 def test_continue_on_error_may_be_an_expression() -> None:
     """continue-on-error takes a boolean or an expression, e.g. `${{ matrix.experimental }}`
     (workflow-syntax: jobs.<id>.continue-on-error, with the documented matrix example)."""
-    from kata_ci.runner.github_run import _flag
+    from kata_ci.runner.github.steps import flag as _flag
 
     assert _flag("${{ matrix.experimental }}", {"matrix": {"experimental": False}}) is False
     assert _flag("${{ matrix.experimental }}", {"matrix": {"experimental": True}}) is True

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kata_ci.runner.gitlab_ci import CIError, Pipeline, load, merged_jobs, parse_duration
-from kata_ci.runner.pipeline import JobResult, PrefixedOutput, job_script, schedule, select
+from kata_ci.runner.core.command import Cancel
+from kata_ci.runner.core.outcome import JobStatus
+from kata_ci.runner.core.schedule import JobResult
+from kata_ci.runner.core.sinks import PrefixedOutput
+from kata_ci.runner.gitlab.ci_file import CIError, Pipeline, load, merged_jobs, parse_duration
+from kata_ci.runner.gitlab.jobs import job_script, schedule, select
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "gitlab-ci"
 MAIN = {"CI_COMMIT_BRANCH": "main", "CI_DEFAULT_BRANCH": "main", "CI_COMMIT_REF_NAME": "main",
@@ -225,10 +228,10 @@ def test_schedule_follows_stages_needs_and_when(tmp_path: Path) -> None:
         name = job.name  # type: ignore[attr-defined]
         ran.append(name)
         status = {"bad": "failed", "soft": "warning"}.get(name, "success")
-        return JobResult(name, status)
+        return JobResult(name, JobStatus(status))
 
-    results = schedule(p, p.jobs, 1, run, threading.Event())
-    assert {r.name: r.status for r in results} == {
+    results = schedule(p, p.jobs, 1, run, Cancel())
+    assert {r.name: r.status.value for r in results} == {
         "ok": "success", "bad": "failed", "soft": "warning", "early": "success",
         "later": "skipped", "fix": "success", "report": "success"}
     assert ran.index("early") > ran.index("ok")
@@ -245,9 +248,9 @@ def test_prefixed_output_emits_whole_lines() -> None:
     """Output from several jobs interleaves only at line boundaries, each with its job."""
     seen: list[tuple[str, str, bytes]] = []
     out = PrefixedOutput(lambda job, stream, line: seen.append((job, stream, line)))
-    out.sink("a")("stdout", b"par")
-    out.sink("b")("stdout", b"one\n")
-    out.sink("a")("stdout", b"tial\nnext")
+    out.sink("a").write("stdout", b"par")
+    out.sink("b").write("stdout", b"one\n")
+    out.sink("a").write("stdout", b"tial\nnext")
     out.flush("a")
     assert seen == [("b", "stdout", b"one\n"), ("a", "stdout", b"partial\n"),
                     ("a", "stdout", b"next\n")]
@@ -255,7 +258,7 @@ def test_prefixed_output_emits_whole_lines() -> None:
 
 def test_find_cycle_reports_the_loop_only() -> None:
     """The reported cycle starts and ends at the same job, without the path leading to it."""
-    from kata_ci.runner.dag import find_cycle
+    from kata_ci.runner.core.schedule import find_cycle
 
     assert find_cycle({"x": ["a"], "a": ["b"], "b": ["a"]}) == ["a", "b", "a"]
     assert find_cycle({"a": ["b"], "b": []}) is None

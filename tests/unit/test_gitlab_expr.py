@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kata_ci.runner.gitlab_expr import ExpressionError, evaluate
+from kata_ci.runner.gitlab.expr import ExpressionError, evaluate
 
 VARS = {"CI_COMMIT_BRANCH": "main", "CI_DEFAULT_BRANCH": "main", "EMPTY": "",
         "CI_COMMIT_MESSAGE": "Fix: [skip tests] please", "RE": "/^fea/", "TAG": "v1.2"}

@@ -6,8 +6,8 @@ import pytest
 
 from kata_ci.errors import SystemFailure, UserError
 from kata_ci.executors.agent_client import Exit
-from kata_ci.runner.job import EXIT_SYSTEM_FAILURE, Outcome, OutcomeKind
-from kata_ci.runner.local import guest_env, parse_env
+from kata_ci.runner.core.env import job_env, parse_env
+from kata_ci.runner.core.outcome import EXIT_SYSTEM_FAILURE, Outcome, OutcomeKind
 
 
 @pytest.mark.parametrize(("ex", "kind", "code"), [
@@ -49,6 +49,6 @@ def test_env_flags(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_host_environment_does_not_leak(monkeypatch: pytest.MonkeyPatch) -> None:
     """The job sees a fixed base environment plus what was asked for, not the host's."""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
-    env = guest_env({"X": "1"})
+    env = job_env({"X": "1"})
     assert "AWS_SECRET_ACCESS_KEY" not in env
     assert env["X"] == "1" and env["CI"] == "true" and env["HOME"] == "/root"

@@ -18,15 +18,15 @@ from rich.markup import escape
 from rich.table import Table
 
 from kata_ci.errors import UserError
-from kata_ci.runner import config as config_mod
-from kata_ci.runner.job import EXIT_CANCELLED, EXIT_SYSTEM_FAILURE, EXIT_TIMEOUT
-from kata_ci.runner.jobstore import FINAL, JobStore
-from kata_ci.runner.local import TerminalSink
+from kata_ci.runner.core import config as config_mod
+from kata_ci.runner.core.env import parse_env, user_term
+from kata_ci.runner.core.outcome import EXIT_CANCELLED, FINAL, JobStatus, exit_status
+from kata_ci.runner.core.sinks import TerminalSink, stream_named
+from kata_ci.runner.core.spec import check_workspace
+from kata_ci.runner.queue.store import JobStore
 
 err = Console(stderr=True, highlight=False)
 EXIT_USAGE = 2
-FINAL_STATUS = {"timeout": EXIT_TIMEOUT, "cancelled": EXIT_CANCELLED,
-                "system_failure": EXIT_SYSTEM_FAILURE, "success": 0}
 TERMINAL = TerminalSink()  # stored "kata-ci" notes go to stderr, like the job's stderr
 config_option = click.option("--config", "config_path", type=click.Path(path_type=Path),
                              help="TOML config file (default: ~/.config/kata-ci/config.toml).")
@@ -59,7 +59,7 @@ def _usage_errors(func: click.decorators.FC) -> click.decorators.FC:
 @_usage_errors
 def worker(labels: tuple[str, ...], concurrency: int | None, config_path: Path | None) -> None:
     """Consume jobs from the queue and run each in a fresh microVM."""
-    from kata_ci.runner.daemon import start_worker
+    from kata_ci.runner.queue.worker import start_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = config_mod.load(config_path)
@@ -77,22 +77,29 @@ def worker(labels: tuple[str, ...], concurrency: int | None, config_path: Path |
 @click.option("--detach", is_flag=True, help="Print the job id and return at once.")
 @click.option("--retry", is_flag=True,
               help="Run again once if the worker dies mid-job (else: system failure).")
+@click.option("-e", "--env", "env_items", multiple=True, metavar="NAME[=VALUE]",
+              help="Set a variable in the job (NAME alone passes this host's value).")
 @config_option
 @click.argument("command", nargs=-1, required=True)
 @_usage_errors
 def submit(workspace: Path, label: str, timeout: float | None, detach: bool, retry: bool,
-           config_path: Path | None, command: tuple[str, ...]) -> None:
+           env_items: tuple[str, ...], config_path: Path | None,
+           command: tuple[str, ...]) -> None:
     """Queue COMMAND as a job and follow its log: kata-ci submit -- make test"""
-    from kata_ci.runner.daemon import TASK, make_app, pack, queue_name
-    from kata_ci.runner.local import check_workspace
+    from kata_ci.runner.queue.app import TASK, make_app, queue_name
+    from kata_ci.runner.queue.workspace import pack
 
+    env = parse_env(env_items)
+    term = user_term()  # the log is followed here: the job sees this terminal's TERM
+    if term and "TERM" not in env:
+        env["TERM"] = term
     cfg, store = _store(config_path)
     limit = cfg.queue.max_job_timeout
     timeout = cfg.vm.timeout if timeout is None else timeout
     if not 0 <= timeout <= limit:
         raise UserError(f"--timeout must be between 0 and the max job timeout {limit:g}s")
     job = store.create(command, label, timeout or limit, pack(check_workspace(workspace)),
-                       retry=retry)
+                       retry=retry, env=env)
     make_app(cfg.queue.broker, limit).send_task(TASK, args=[job.id], queue=queue_name(label))
     if detach:
         click.echo(job.id)
@@ -130,7 +137,7 @@ def logs(job_id: str, follow: bool, config_path: Path | None) -> None:
     if follow:
         sys.exit(_follow(store, job_id, cancel_on_interrupt=False))
     for stream, data in store.read_log(job_id):
-        TERMINAL.write(stream, data)
+        TERMINAL.write(stream_named(stream), data)
 
 
 @click.command()
@@ -147,7 +154,7 @@ def _follow(store: JobStore, job_id: str, cancel_on_interrupt: bool,
             cancel_wait: float = 60.0) -> int:
     try:
         for stream, data in store.read_log(job_id, follow=True):
-            TERMINAL.write(stream, data)
+            TERMINAL.write(stream_named(stream), data)
     except KeyboardInterrupt:
         if not cancel_on_interrupt:
             return EXIT_CANCELLED
@@ -161,11 +168,9 @@ def _follow(store: JobStore, job_id: str, cancel_on_interrupt: bool,
                 return EXIT_CANCELLED
             time.sleep(0.2)
     job = store.get(job_id)
-    if job.state != "success":
+    if job.state != JobStatus.SUCCESS.value:
         err.print(f"[bold yellow]kata-ci:[/] job {job_id} {job.state}: {escape(job.message)}")
-    if job.state == "failed":
-        return job.exit_code if job.exit_code is not None else 1
-    return FINAL_STATUS[job.state]
+    return exit_status(JobStatus(job.state), job.exit_code)
 
 
 COMMANDS = (worker, submit, jobs, logs, cancel)

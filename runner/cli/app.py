@@ -18,8 +18,12 @@ from rich.table import Table
 from kata_ci import __version__, paths
 from kata_ci.errors import KataCIError, UserError
 from kata_ci.images.artifacts import Manifest
-from kata_ci.runner import config as config_mod
-from kata_ci.runner.job import OutcomeKind
+from kata_ci.runner.core import config as config_mod
+from kata_ci.runner.core.command import Cancel
+from kata_ci.runner.core.env import job_env, user_term
+from kata_ci.runner.core.outcome import Outcome, OutcomeKind
+from kata_ci.runner.core.sinks import TerminalSink
+from kata_ci.runner.core.spec import Command, Commands, RunSettings, check_workspace
 
 err = Console(stderr=True, highlight=False)
 EXIT_USAGE = 2
@@ -91,19 +95,19 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
       kata-ci run --pipeline -j 2  the whole pipeline, two VMs at once
       kata-ci run -- make test     a command, executed directly (use sh -c for shell syntax)
     """
-    from kata_ci.runner.local import LocalRun, TerminalSink, check_workspace, parse_env, run_local
+    from kata_ci.runner.core.env import parse_env
 
     try:
         cfg = config_mod.load(config_path).with_vm(
             vcpus=vcpus, memory_mib=memory_mib, timeout=timeout, grace=grace, accel=accel)
         root = check_workspace(workspace)
+        settings = run_settings(cfg, parse_env(env_items), timeout is not None)
         if not ctx.meta.get("raw_command"):
-            sys.exit(_run_ci(root, cfg, gitlab_ci, workflow, list(command), pipeline, only,
-                             parallel, var_items, env_file, event))
+            sys.exit(_run_ci(root, cfg, settings, gitlab_ci, workflow, list(command), pipeline,
+                             only, parallel, var_items, env_file, event))
         if not command:
             raise UserError("no command after --")
-        job = LocalRun(argv=command, workspace=root, config=cfg, env=parse_env(env_items))
-        outcome = run_local(job, TerminalSink(), _notify)
+        outcome = _run_command(root, cfg, settings, command)
     except UserError as exc:
         _fail(exc, EXIT_USAGE)
     if outcome.kind is OutcomeKind.SYSTEM_FAILURE:
@@ -117,11 +121,38 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
     sys.exit(outcome.exit_code)
 
 
-def _run_ci(root: Path, cfg: config_mod.Config, gitlab_ci: Path | None,
+def run_settings(cfg: config_mod.Config, env: dict[str, str], timeout_flag: bool) -> RunSettings:
+    """What the config file and the flags say about every job of this run."""
+    vm = cfg.vm
+    return RunSettings(timeout=vm.timeout, timeout_flag=timeout_flag, grace=vm.grace,
+                       boot_timeout=vm.boot_timeout, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
+                       env=env, term=user_term())
+
+
+def _run_command(root: Path, cfg: config_mod.Config, settings: RunSettings,
+                 command: tuple[str, ...]) -> Outcome:
+    """`kata-ci run -- CMD`: one job, its output straight to the terminal."""
+    from kata_ci.executors.provider import open_provider
+    from kata_ci.runner.core.lifecycle import run_job, terminate_as_interrupt
+
+    provider = open_provider(cfg.vm.accel, _notify)
+    spec = settings.spec("command", Commands([Command(command)]),
+                         job_env(settings.env, term=settings.term), root)
+    with terminate_as_interrupt():
+        try:
+            return run_job(spec, provider, TerminalSink(notes=False), Cancel())
+        except KeyboardInterrupt:  # after the job ended, before we returned: it is over
+            return Outcome.cancelled()
+
+
+def _run_ci(root: Path, cfg: config_mod.Config, settings: RunSettings, gitlab_ci: Path | None,
             workflow: Path | None, names: list[str], pipeline: bool, only: bool,
             parallel: int, var_items: tuple[str, ...], env_file: Path | None,
             event: str) -> int:
-    from kata_ci.runner.local_ci import choose, discover, list_jobs, parse_vars, run_selected
+    from kata_ci.executors.provider import open_provider
+    from kata_ci.runner.cli.ci import choose, discover, list_jobs, plan_for, run_selected
+    from kata_ci.runner.core.env import parse_vars
+    from kata_ci.runner.core.lifecycle import terminate_as_interrupt
 
     user = parse_vars(var_items, env_file)
     found = discover(root, gitlab_ci, workflow, user, event)
@@ -129,7 +160,11 @@ def _run_ci(root: Path, cfg: config_mod.Config, gitlab_ci: Path | None,
         list_jobs(found, Console())
         return 0
     target = choose(found, names, pipeline)
-    return run_selected(found, target, names, only, parallel, cfg, root, user, err)
+    cancel = Cancel()
+    plan = plan_for(found, target, names, only, root, user, settings, cancel)
+    provider = open_provider(cfg.vm.accel, _notify)
+    with terminate_as_interrupt():
+        return run_selected(plan, provider, parallel, cancel, err)
 
 
 @main.group()
@@ -175,8 +210,8 @@ def _show_manifest(manifest: Manifest) -> None:
 
 @main.command()
 def doctor() -> None:
-    """Check this host: QEMU, virtiofsd, images, and KVM or TCG (and why)."""
-    from kata_ci.runner.doctor import run_checks
+    """Check this host: the VMM, virtiofsd, images, and KVM or TCG (and why)."""
+    from kata_ci.runner.cli.doctor import run_checks
 
     checks = run_checks()
     table = Table("check", "status", "detail")
@@ -188,13 +223,10 @@ def doctor() -> None:
 
 
 def _register_queue_commands() -> None:
-    from kata_ci.runner.cli_queue import COMMANDS
+    from kata_ci.runner.cli.queue import COMMANDS
 
     for command in COMMANDS:
         main.add_command(command)
 
 
 _register_queue_commands()
-
-if __name__ == "__main__":
-    main()

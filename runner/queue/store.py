@@ -7,7 +7,7 @@ finds the job no longer queued and does nothing. Every later write by a worker n
 and a write whose token is stale (the job was reaped or re-attempted) is refused.
 
 Keys (prefix ``kataci:``):
-  job:<id>        hash: state, argv, label, timestamps, exit_code, message, worker, attempt...
+  job:<id>        hash: state, argv, env, label, timestamps, exit_code, message, worker...
   jobs            sorted set of job ids by creation time
   log:<id>        stream of output chunks (fields: s=stdout|stderr|kata-ci, d=bytes)
   ws:<id>         the packed workspace (tar.gz), deleted once the job ends
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -28,9 +28,9 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from kata_ci.errors import UserError
+from kata_ci.runner.core.outcome import FINAL
 
 PREFIX = "kataci:"
-FINAL = ("success", "failed", "timeout", "cancelled", "system_failure")
 TRUNCATED = b"\n[kata-ci: log truncated: the job wrote more than the log limit]\n"
 
 # queued -> running, once. Returns the new attempt number, or 0 when not claimable.
@@ -73,6 +73,7 @@ class Job:
     id: str
     state: str
     argv: list[str]
+    env: dict[str, str]  # what `submit -e` set (and the submitter's TERM)
     label: str
     timeout: float
     created_at: float
@@ -92,6 +93,7 @@ class Job:
 
         code = get.get("exit_code")
         return cls(id=get["id"], state=get["state"], argv=json.loads(get["argv"]),
+                   env=json.loads(get.get("env", "{}")),
                    label=get["label"], timeout=float(get["timeout"]),
                    created_at=float(get["created_at"]), started_at=number("started_at"),
                    finished_at=number("finished_at"),
@@ -132,10 +134,11 @@ class JobStore:
 
     # -- submission ------------------------------------------------------------------------
     def create(self, argv: Sequence[str], label: str, timeout: float, workspace: bytes,
-               retry: bool = False) -> Job:
+               retry: bool = False, env: Mapping[str, str] | None = None) -> Job:
         job_id = uuid.uuid4().hex[:16]
         now = time.time()
         fields = {"id": job_id, "state": "queued", "argv": json.dumps(list(argv)),
+                  "env": json.dumps(dict(env or {})),
                   "label": label, "timeout": str(timeout), "created_at": str(now),
                   "attempt": "0", "log_bytes": "0", "retry": "1" if retry else "0"}
         pipe = self.r.pipeline()

@@ -10,7 +10,7 @@ from typing import Literal
 
 from kata_ci import paths
 from kata_ci.errors import KataCIError
-from kata_ci.executors.accel import choose
+from kata_ci.executors.qemu.accel import choose
 from kata_ci.executors.qemu.argv import QEMU, VIRTIOFSD
 from kata_ci.images.build import load_current
 from kata_ci.images.kernel import SOURCE_TARBALL

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from kata_ci.errors import UserError
-from kata_ci.runner.dag import find_cycle
-from kata_ci.runner.github_expr import ExpressionError, evaluate
+from kata_ci.runner.core.schedule import find_cycle
+from kata_ci.runner.github.expr import ExpressionError, evaluate
 
 WORKFLOW_KEYS = {"name", "run-name", "on", "permissions", "env", "defaults", "concurrency",
                  "jobs"}
@@ -57,7 +57,7 @@ class GHJob:
     shell: str | None
     working_directory: str | None
     steps: list[Step]
-    timeout_minutes: float
+    timeout_minutes: float | None  # None: kata-ci's timeout applies
     continue_on_error: Any
     outputs: dict[str, str]
     fail_fast: bool
@@ -134,7 +134,7 @@ def _step(raw: Any, index: int, where: str, job: str) -> Step:
                             "run and uses")
     name = raw.get("name") or (f"Run {str(raw['run']).splitlines()[0][:60]}" if "run" in raw
                                else f"Run {raw['uses']}")
-    timeout = raw.get("timeout-minutes")
+    timeout = _minutes(raw.get("timeout-minutes"), where, job)
     return Step(index=index, id=str(raw.get("id", f"__step{index}")), name=str(name),
                 run=str(raw["run"]) if "run" in raw else None,
                 uses=str(raw["uses"]) if "uses" in raw else None, shell=raw.get("shell"),
@@ -142,7 +142,7 @@ def _step(raw: Any, index: int, where: str, job: str) -> Step:
                 env=_text_map(raw.get("env"), where, "env"),
                 if_=None if raw.get("if") is None else str(raw["if"]),
                 continue_on_error=raw.get("continue-on-error", False),
-                timeout_minutes=None if timeout is None else float(timeout))
+                timeout_minutes=timeout)
 
 
 def load_workflow(path: Path) -> Workflow:
@@ -207,7 +207,7 @@ def load_workflow(path: Path) -> Workflow:
                 shell=job_defaults.get("shell", defaults.get("shell")),
                 working_directory=job_defaults.get("working-directory",
                                                    defaults.get("working-directory")),
-                steps=steps, timeout_minutes=float(raw.get("timeout-minutes", 360)),
+                steps=steps, timeout_minutes=_minutes(raw.get("timeout-minutes"), where, key),
                 continue_on_error=raw.get("continue-on-error", False),
                 outputs=_text_map(raw.get("outputs"), where, "outputs"),
                 fail_fast=bool(strategy.get("fail-fast", True)),
@@ -217,6 +217,20 @@ def load_workflow(path: Path) -> Workflow:
     return Workflow(path=path, name=str(data.get("name", path.name)),
                     events=events_of(data.get("on")),
                     env=_text_map(data.get("env"), str(path), "env"), jobs=jobs)
+
+
+def _minutes(value: Any, where: str, job: str) -> float | None:
+    """timeout-minutes: a positive number (an expression there is not supported)."""
+    if value is None:
+        return None
+    try:
+        minutes = float(value)
+    except (TypeError, ValueError):
+        minutes = -1.0
+    if isinstance(value, bool) or not minutes > 0:
+        raise WorkflowError(f"{where}: job {job!r}: timeout-minutes must be a positive number, "
+                            f"not {value!r}")
+    return minutes
 
 
 def _display(value: Any) -> str:

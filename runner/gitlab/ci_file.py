@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from kata_ci.errors import UserError
-from kata_ci.runner.dag import find_cycle
-from kata_ci.runner.gitlab_expr import evaluate
+from kata_ci.runner.core.schedule import find_cycle
+from kata_ci.runner.gitlab.expr import evaluate
 
 JOB_KEYS = {
     "after_script", "allow_failure", "artifacts", "before_script", "cache", "coverage",

@@ -1,83 +1,62 @@
-"""Running one command in a started VM: streaming, timeout, cancel, and the one place where
-every ending is classed as an Outcome.
+"""Running one command in a started VM: streaming, timeout, cancel, and the one place where a
+command's ending is classed as an Outcome.
 
-Cancel follows buildkite's agent: SIGTERM to the job's process group in the guest, a grace
-period, then the VM is killed; it happens exactly once however often it is asked for (a
+Cancel follows buildkite's agent: SIGTERM to the command's process group in the guest, a
+grace period, then the VM is killed; it happens exactly once however often it is asked for (a
 second Ctrl-C skips the rest of the grace period).
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import math
 import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from kata_ci.errors import SystemFailure
-from kata_ci.executors.agent_client import Exit, StreamName
 from kata_ci.executors.base import VM
-
-EXIT_TIMEOUT = 124  # as timeout(1)
-EXIT_SYSTEM_FAILURE = 125  # as docker run: the sandbox failed, not the command
-EXIT_CANCELLED = 130  # as a shell after SIGINT
+from kata_ci.runner.core.outcome import EXIT_TIMEOUT, Outcome, OutcomeKind
+from kata_ci.runner.core.sinks import LogSink
 
 
-class OutcomeKind(enum.Enum):
-    SUCCESS = "success"
-    JOB_FAILURE = "job_failure"
-    SYSTEM_FAILURE = "system_failure"
-    TIMEOUT = "timeout"
-    CANCELLED = "cancelled"
+class Cancel:
+    """One cancel request for a job, from whatever asks: Ctrl-C or SIGTERM on the CLI, a
+    pipeline's fail-fast, a flag in Redis (``poll``, asked at most every ``interval`` s)."""
 
+    def __init__(self, poll: Callable[[], bool] | None = None, interval: float = 0.5) -> None:
+        self._event = threading.Event()
+        self._poll = poll
+        self._interval = interval
+        self._next_poll = 0.0
+        self._lock = threading.Lock()
 
-@dataclass(frozen=True)
-class Outcome:
-    kind: OutcomeKind
-    exit_code: int  # what `kata-ci run` exits with
-    message: str = ""
-    diagnostics: str = ""
+    def set(self) -> None:
+        self._event.set()
 
-    @classmethod
-    def from_exit(cls, ex: Exit) -> Outcome:
-        if ex.exit_code == 0:
-            return cls(OutcomeKind.SUCCESS, 0)
-        if ex.signal:
-            name = _signame(ex.signal)
-            return cls(OutcomeKind.JOB_FAILURE, ex.exit_code, f"command killed by {name}")
-        text = ex.error or f"command exited with status {ex.exit_code}"
-        return cls(OutcomeKind.JOB_FAILURE, ex.exit_code, text)
-
-    @classmethod
-    def system_failure(cls, failure: SystemFailure) -> Outcome:
-        return cls(OutcomeKind.SYSTEM_FAILURE, EXIT_SYSTEM_FAILURE, str(failure.args[0]),
-                   failure.diagnostics)
-
-
-def _signame(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-class LogSink(Protocol):
-    """Receives output chunks as they arrive (terminal, job log store, GitLab trace...)."""
-
-    def write(self, stream: StreamName, data: bytes) -> None: ...
+    def is_set(self) -> bool:
+        if self._event.is_set() or self._poll is None:
+            return self._event.is_set()
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next_poll:
+                return False
+            self._next_poll = now + self._interval
+        if self._poll():
+            self._event.set()
+        return self._event.is_set()
 
 
 @dataclass(frozen=True)
-class JobRequest:
+class CommandRequest:
     argv: Sequence[str]
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str = ""
     timeout: float = 0.0  # 0: none
     grace: float = 10.0
+    timeout_message: str = ""  # what a timeout is reported as; default: this timeout
 
 
 class Canceller:
@@ -112,10 +91,9 @@ class Canceller:
             self.vm.kill()
 
 
-def run_job(vm: VM, request: JobRequest, sink: LogSink,
-            cancel_requested: Callable[[], bool] | None = None) -> Outcome:
-    """Run the request to its end. ``cancel_requested`` is polled about twice a second (the
-    daemon asks Redis); Ctrl-C (KeyboardInterrupt) cancels too."""
+def run_command(vm: VM, request: CommandRequest, sink: LogSink, cancel: Cancel) -> Outcome:
+    """Run the request to its end. ``cancel`` is checked about ten times a second; Ctrl-C
+    (KeyboardInterrupt, in the main thread) cancels too."""
     stream = vm.agent.exec(request.argv, request.env, request.cwd)
     done = threading.Event()
     failure: list[SystemFailure] = []
@@ -134,21 +112,18 @@ def run_job(vm: VM, request: JobRequest, sink: LogSink,
     threading.Thread(target=pump, name="kata-ci-output", daemon=True).start()
     canceller = Canceller(vm, stream.exec_id, request.grace, done)
     deadline = time.monotonic() + request.timeout if request.timeout else math.inf
-    next_poll = 0.0
     while not done.is_set():
         try:
             done.wait(0.1)
             if done.is_set() or canceller.reason is not None:
                 continue
-            now = time.monotonic()
-            if now > deadline:
+            if time.monotonic() > deadline:
                 canceller.cancel(OutcomeKind.TIMEOUT)
-            elif cancel_requested is not None and now >= next_poll:
-                next_poll = now + 0.5
-                if cancel_requested():
-                    canceller.cancel(OutcomeKind.CANCELLED)
+            elif cancel.is_set():
+                canceller.cancel(OutcomeKind.CANCELLED)
             vm.check()
         except KeyboardInterrupt:
+            cancel.set()
             if not canceller.cancel(OutcomeKind.CANCELLED):
                 canceller.escalate()
         except SystemFailure as exc:
@@ -156,21 +131,21 @@ def run_job(vm: VM, request: JobRequest, sink: LogSink,
             stream.cancel()
             break
     if canceller.reason is OutcomeKind.TIMEOUT:
-        return Outcome(OutcomeKind.TIMEOUT, EXIT_TIMEOUT,
-                       f"job timed out after {request.timeout:g}s")
+        return Outcome(OutcomeKind.TIMEOUT, EXIT_TIMEOUT, request.timeout_message
+                       or f"job timed out after {request.timeout:g}s")
     if canceller.reason is OutcomeKind.CANCELLED:
-        return Outcome(OutcomeKind.CANCELLED, EXIT_CANCELLED, "job cancelled")
+        return Outcome.cancelled()
     if failure:
-        return Outcome.system_failure(_with_diagnostics(failure[0], vm))
+        return Outcome.system_failure(with_diagnostics(failure[0], vm))
     assert stream.exit is not None
     return Outcome.from_exit(stream.exit)
 
 
-def _with_diagnostics(failure: SystemFailure, vm: VM) -> SystemFailure:
+def with_diagnostics(failure: SystemFailure, vm: VM) -> SystemFailure:
     """A lost agent connection usually means the VM died: check, to report the real cause."""
     if failure.diagnostics:
         return failure
-    time.sleep(0.2)  # a dying QEMU closes the socket a moment before it is reaped
+    time.sleep(0.2)  # a dying VM process closes the socket a moment before it is reaped
     try:
         vm.check()
     except SystemFailure as underlying:

@@ -1,0 +1,177 @@
+"""`kata-ci run [JOB...]` / `--pipeline`: a repository's CI jobs (GitLab CI or GitHub
+workflows), each in a fresh VM, with prefixed live output and a summary table."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from kata_ci.errors import UserError
+from kata_ci.executors.provider import VMProvider
+from kata_ci.runner.core.command import Cancel
+from kata_ci.runner.core.outcome import EXIT_CANCELLED, JobStatus
+from kata_ci.runner.core.plan import Plan, run_plan
+from kata_ci.runner.core.schedule import JobResult
+from kata_ci.runner.core.sinks import PrefixedOutput, Stream, TerminalSink
+from kata_ci.runner.core.spec import RunSettings
+from kata_ci.runner.github import jobs as gh
+from kata_ci.runner.github.steps import RunContext
+from kata_ci.runner.github.workflow import Workflow, load_workflow
+from kata_ci.runner.gitlab import jobs as gl
+from kata_ci.runner.gitlab.ci_file import Pipeline, load
+
+GITLAB_FILE = ".gitlab-ci.yml"
+COLOURS = {"cyan": 36, "magenta": 35, "green": 32, "yellow": 33, "blue": 34, "red": 31}
+STYLES = {JobStatus.SUCCESS: "green", JobStatus.WARNING: "yellow", JobStatus.FAILED: "red",
+          JobStatus.TIMEOUT: "red", JobStatus.SKIPPED: "dim", JobStatus.MANUAL: "dim",
+          JobStatus.CANCELLED: "yellow", JobStatus.SYSTEM_FAILURE: "bold red"}
+
+# GitHub event names and GitLab's CI_PIPELINE_SOURCE for the same occasion.
+GITLAB_SOURCE = {"pull_request": "merge_request_event", "workflow_dispatch": "web",
+                 "schedule": "schedule", "push": "push"}
+
+
+@dataclass
+class Found:
+    """The CI files of a workspace: a GitLab pipeline and/or GitHub workflows."""
+
+    gitlab: Pipeline | None
+    workflows: list[Workflow]
+    predefined: dict[str, str]
+    event: str
+
+
+def discover(workspace: Path, gitlab_ci: Path | None, workflow: Path | None,
+             user: Mapping[str, str], event: str) -> Found:
+    predefined = gl.predefined_variables(workspace, GITLAB_SOURCE.get(event, event))
+    gitlab_path = gitlab_ci or (None if workflow else workspace / GITLAB_FILE)
+    if gitlab_ci is not None and not gitlab_ci.is_file():
+        raise UserError(f"--gitlab-ci {gitlab_ci} does not exist")
+    gitlab = load(gitlab_path, workspace, {**predefined, **user}) \
+        if gitlab_path is not None and gitlab_path.is_file() else None
+    if workflow is not None:
+        if not workflow.is_file():
+            raise UserError(f"--workflow {workflow} does not exist")
+        paths = [workflow]
+    elif gitlab_ci is None:
+        paths = sorted([*(workspace / ".github/workflows").glob("*.yml"),
+                        *(workspace / ".github/workflows").glob("*.yaml")])
+    else:
+        paths = []
+    workflows = [load_workflow(p) for p in paths]
+    if gitlab is None and not workflows:
+        raise UserError(f"no CI file in {workspace} (.gitlab-ci.yml or .github/workflows); "
+                        "to run a command, use kata-ci run -- COMMAND")
+    return Found(gitlab, workflows, predefined, event)
+
+
+def list_jobs(found: Found, console: Console) -> None:
+    if found.gitlab is not None:
+        table = Table("job", "stage", "when", "needs", "allow failure",
+                      title=str(found.gitlab.path))
+        for job in found.gitlab.jobs:
+            needs = "(earlier stages)" if job.needs is None else ", ".join(job.needs) or "-"
+            table.add_row(escape(job.name), job.stage, job.when, escape(needs),
+                          "yes" if job.allow_failure else "")
+        console.print(table)
+    for workflow in found.workflows:
+        runs = found.event in workflow.events
+        title = f"{workflow.path} (on: {', '.join(workflow.events)})" + (
+            "" if runs else f" — not triggered by {found.event}")
+        table = Table("job", "needs", "if", title=escape(title))
+        for gh_job in workflow.jobs:
+            table.add_row(escape(gh_job.name), escape(", ".join(gh_job.needs) or "-"),
+                          escape(gh_job.if_ or ""))
+        console.print(table)
+    console.print("run one: kata-ci run JOB   all: kata-ci run --pipeline   "
+                  "a command: kata-ci run -- CMD")
+
+
+def choose(found: Found, names: list[str], pipeline: bool) -> Pipeline | Workflow:
+    """Which file the run is about: the one that has the named jobs, or the only one."""
+    triggered = [w for w in found.workflows if found.event in w.events]
+    if pipeline:
+        options: list[Pipeline | Workflow] = [*([found.gitlab] if found.gitlab else []),
+                                              *triggered]
+        if len(options) != 1:
+            what = ", ".join(str(o.path) for o in options) or "nothing"
+            raise UserError(f"--pipeline needs one CI file, found: {what}; "
+                            "pick one with --gitlab-ci or --workflow")
+        return options[0]
+    holders: list[Pipeline | Workflow] = []
+    if found.gitlab is not None and all(_has_gitlab(found.gitlab, n) for n in names):
+        holders.append(found.gitlab)
+    holders += [w for w in triggered
+                if all(any(n in (j.key, j.name) for j in w.jobs) for n in names)]
+    if len(holders) != 1:
+        where = ", ".join(str(h.path) for h in holders)
+        known = [*(j.name for j in (found.gitlab.jobs if found.gitlab else [])),
+                 *(j.name for w in triggered for j in w.jobs)]
+        raise UserError(f"job(s) {', '.join(names)}: " + (
+            f"found in several files ({where}); pick one with --gitlab-ci or --workflow"
+            if holders else f"not found in any CI file triggered by {found.event} "
+            f"(jobs: {', '.join(known) or 'none'})"))
+    return holders[0]
+
+
+def _has_gitlab(pipeline: Pipeline, name: str) -> bool:
+    try:
+        pipeline.named(name)
+    except UserError:
+        return False
+    return True
+
+
+def plan_for(found: Found, target: Pipeline | Workflow, names: list[str], only: bool,
+             workspace: Path, user: Mapping[str, str], settings: RunSettings,
+             cancel: Cancel) -> Plan[Any]:
+    """The chosen jobs of a GitLab pipeline or a GitHub workflow, ready to run."""
+    if isinstance(target, Pipeline):
+        return gl.GitLabPlan(target, gl.select(target, names, only), workspace,
+                             found.predefined, user, settings)
+    # --var / --env-file: like workflow-level env, winning over the file's.
+    workflow = dataclasses.replace(target, env={**target.env, **user})
+    github = gh.github_context(found.predefined, found.event, workflow, workspace)
+    rc = RunContext(workflow, workspace, github, {}, cancel)
+    return gh.GitHubPlan(workflow, gh.select(workflow, names, only), rc, settings)
+
+
+def run_selected(plan: Plan[Any], provider: VMProvider, parallel: int, cancel: Cancel,
+                 console: Console) -> int:
+    """Run the plan's jobs; print the summary; the exit status."""
+    names = [job.name for job in plan.jobs]
+    colour = {name: list(COLOURS.values())[i % len(COLOURS)] for i, name in enumerate(names)}
+    tty = sys.stdout.isatty()
+    terminal = TerminalSink()
+
+    def write(job: str, stream: Stream, line: bytes) -> None:
+        prefix = f"[{job}] "
+        if tty:
+            prefix = f"\x1b[{colour[job]}m{prefix}\x1b[0m"
+        terminal.write(stream, prefix.encode() + line if len(names) > 1 else line)
+
+    results = run_plan(plan, provider, PrefixedOutput(write), parallel, cancel)
+    summary(results, {job.name: plan.group(job) for job in plan.jobs}, console)
+    if cancel.is_set():
+        return EXIT_CANCELLED
+    return 0 if all(r.ok for r in results) else 1
+
+
+def summary(results: Sequence[JobResult], group: Mapping[str, str], console: Console) -> None:
+    table = Table("job", "stage/workflow", "status", "duration", "")
+    for result in results:
+        status = result.status.label + (
+            " (allowed to fail)" if result.status is JobStatus.WARNING else "")
+        table.add_row(escape(result.name), escape(group.get(result.name, "")),
+                      f"[{STYLES[result.status]}]{status}[/]",
+                      f"{result.duration:.1f}s" if result.duration else "",
+                      "" if result.status is JobStatus.SUCCESS else escape(result.message))
+    console.print(table)

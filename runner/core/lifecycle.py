@@ -1,0 +1,184 @@
+"""The one job lifecycle, under every job source: prepare -> run -> finish -> cleanup.
+
+In the spirit of gitlab-runner's executor: ``prepare`` gets a running VM from the provider
+(a cancel during boot kills it), ``run`` hands the VM to the job's script through a
+``Session``, ``finish`` classes whatever happened as one Outcome and notes it in the job's
+log, and ``cleanup`` gives the VM back always, with Ctrl-C and SIGTERM held off until it is
+done (a half-killed VM would leak its processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from types import FrameType
+
+from kata_ci.errors import SystemFailure, UserError
+from kata_ci.executors.base import VM
+from kata_ci.executors.provider import VMProvider, VMRequest
+from kata_ci.runner.core.command import Cancel, CommandRequest, run_command, with_diagnostics
+from kata_ci.runner.core.outcome import Outcome, OutcomeKind
+from kata_ci.runner.core.sinks import LogSink, note
+from kata_ci.runner.core.spec import Command, JobSpec
+
+log = logging.getLogger("kata_ci.lifecycle")
+
+
+class Session:
+    """What a job's script may do with its running VM."""
+
+    def __init__(self, spec: JobSpec, vm: VM, sink: LogSink, cancel: Cancel) -> None:
+        self.spec = spec
+        self.vm = vm
+        self.sink = sink
+        self.cancel = cancel
+        self.deadline = time.monotonic() + spec.timeout if spec.timeout else None
+
+    @property
+    def workdir(self) -> str:
+        return self.spec.workdir
+
+    @property
+    def expired(self) -> bool:
+        """The job's own deadline has passed."""
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def run(self, command: Command) -> Outcome:
+        """Run one command to its end under the job's deadline and cancel."""
+        timeout, message = command.timeout, command.timeout_message
+        if command.within_job_timeout and self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                return Outcome.timeout(self.spec.timeout)
+            if not timeout or remaining < timeout:
+                timeout, message = remaining, f"job timed out after {self.spec.timeout:g}s"
+        env = self.spec.env if command.env is None else command.env
+        request = CommandRequest(command.argv, env, command.cwd or self.workdir, timeout,
+                                 self.spec.grace, message)
+        return run_command(self.vm, request, self.sink, self.cancel)
+
+    def put_files(self, files: Mapping[str, bytes], mode: int = 0o644) -> None:
+        self.vm.agent.put_files(files, mode)
+
+    def get_files(self, paths: Sequence[str], max_bytes: int) -> dict[str, bytes | None]:
+        return self.vm.agent.get_files(paths, max_bytes)
+
+    def note(self, text: str) -> None:
+        note(self.sink, text)
+
+
+def run_job(spec: JobSpec, provider: VMProvider, sink: LogSink, cancel: Cancel) -> Outcome:
+    """Run one job to its Outcome. Never raises for anything the job or the VM did."""
+    vm: VM | None = None
+    outcome: Outcome | None = None
+    try:
+        vm = _prepare(spec, provider, cancel)
+        if cancel.is_set():
+            outcome = Outcome.cancelled("cancelled during boot")
+        else:
+            outcome = _run(spec, vm, sink, cancel)
+    except KeyboardInterrupt:
+        cancel.set()
+        outcome = Outcome.cancelled("cancelled during boot" if vm is None else "job cancelled")
+    except SystemFailure as exc:
+        if cancel.is_set():
+            outcome = Outcome.cancelled("cancelled during boot")
+        else:
+            outcome = Outcome.system_failure(exc)
+    except Exception as exc:  # a bug of ours while preparing: this job fails, the run goes on
+        log.exception("job %s: unexpected error while preparing its VM", spec.name)
+        outcome = Outcome.system_failure(SystemFailure(f"internal error: {exc!r}"))
+    finally:
+        if vm is not None:
+            with _uninterruptible():
+                provider.release(vm, graceful=outcome is not None and outcome.ran_to_end)
+    _finish(outcome, sink)
+    return outcome
+
+
+def _prepare(spec: JobSpec, provider: VMProvider, cancel: Cancel) -> VM:
+    """A running VM; a cancel during boot kills it (boot then fails, and we say cancelled)."""
+    booting: list[VM] = []
+    booted = threading.Event()
+
+    def watch() -> None:
+        while not booted.wait(0.2):
+            if cancel.is_set() and booting:
+                booting[0].kill()
+                return
+
+    watcher = threading.Thread(target=watch, name="kata-ci-boot-cancel", daemon=True)
+    watcher.start()
+    try:
+        return provider.acquire(VMRequest(spec.workspace, spec.guest_workdir, spec.vcpus,
+                                          spec.memory_mib, spec.boot_timeout, spec.network),
+                                booting.append)
+    finally:
+        booted.set()
+
+
+def _run(spec: JobSpec, vm: VM, sink: LogSink, cancel: Cancel) -> Outcome:
+    try:
+        return spec.script.run(Session(spec, vm, sink, cancel))
+    except SystemFailure as exc:
+        return Outcome.system_failure(with_diagnostics(exc, vm))
+    except UserError as exc:  # something in the job's own definition, found at run time
+        return Outcome.job_failure(str(exc))
+    except KeyboardInterrupt:
+        cancel.set()
+        return Outcome.cancelled()
+    except Exception as exc:  # a bug of ours: this job fails, the run goes on
+        log.exception("job %s: unexpected error", spec.name)
+        return Outcome.system_failure(SystemFailure(f"internal error: {exc!r}"))
+
+
+def _finish(outcome: Outcome, sink: LogSink) -> None:
+    """The ending in the job's own log (terminal, Redis, trace), for every source alike."""
+    try:
+        if outcome.kind is OutcomeKind.SYSTEM_FAILURE:
+            text = f"system failure: {outcome.message}"
+            if outcome.diagnostics:
+                text += f"\n--- last guest console lines ---\n{outcome.diagnostics}"
+            note(sink, text)
+        elif outcome.kind in (OutcomeKind.TIMEOUT, OutcomeKind.CANCELLED):
+            note(sink, outcome.message)
+    except Exception:  # a sink that fails now (Redis gone for good) must not hide the ending
+        log.exception("could not write the job's ending to its log")
+
+
+@contextlib.contextmanager
+def _uninterruptible() -> Iterator[None]:
+    """Hold off Ctrl-C/SIGTERM/SIGHUP while the VM is released (main thread only: signals
+    are delivered there). The job is ending anyway, so a signal that came is dropped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s during cleanup: finishing the cleanup first", signum)
+
+    saved = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM/SIGHUP (a CI system cancelling us, a closed terminal) cancel like Ctrl-C."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    saved = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

@@ -1,0 +1,115 @@
+"""``JobSpec``: what every job source builds, and the one lifecycle runs.
+
+`kata-ci run -- CMD`, a GitLab CI-file job, a GitHub workflow job and a queued job all become
+a JobSpec. What differs between them is only the ``script``: a plain list of commands, GitLab's
+script + after_script, or GitHub's steps (which decide at run time what runs next, from what
+earlier steps wrote). A script sees the VM only through a ``Session``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from kata_ci.errors import UserError
+from kata_ci.runner.core.outcome import Outcome, OutcomeKind
+
+if TYPE_CHECKING:
+    from kata_ci.runner.core.lifecycle import Session
+
+
+@dataclass(frozen=True)
+class Command:
+    """One process in the job's VM."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str] | None = None  # None: the job's environment
+    cwd: str = ""  # "": the workspace
+    timeout: float = 0.0  # its own limit, 0: none; the job's deadline applies as well...
+    within_job_timeout: bool = True  # ...unless False (GitLab's after_script: 5 min of its own)
+    timeout_message: str = ""  # how its own timeout is reported
+
+
+class JobScript(Protocol):
+    """What runs in the VM once it is up. Returns the job's outcome; may raise
+    SystemFailure (the lifecycle classes it), never anything for a job's own failure."""
+
+    def run(self, session: Session) -> Outcome: ...
+
+
+@dataclass(frozen=True)
+class Commands:
+    """Commands one after another; the first that does not succeed ends the job."""
+
+    commands: Sequence[Command]
+
+    def run(self, session: Session) -> Outcome:
+        outcome = Outcome.job_failure("no command to run")
+        for command in self.commands:
+            outcome = session.run(command)
+            if outcome.kind is not OutcomeKind.SUCCESS:
+                break
+        return outcome
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything the lifecycle needs to run one job, whoever asked for it.
+
+    Landing points for what comes next: secrets to mask (the sandbox issue) and an OCI image
+    (the OCI issue) become fields here; network policy widens ``network``.
+    """
+
+    name: str
+    script: JobScript
+    env: Mapping[str, str]  # complete: built by core.env.job_env, nothing else is added
+    workspace: Path  # shared into the VM over virtio-fs
+    guest_workdir: str | None = None  # where the workspace appears; default: the same path
+    timeout: float = 0.0  # the whole job, 0: none
+    grace: float = 10.0  # SIGTERM -> kill on cancel and timeout
+    boot_timeout: float = 60.0
+    vcpus: int = 2
+    memory_mib: int = 1024
+    network: Literal["none"] = "none"  # no NIC at all
+
+    @property
+    def workdir(self) -> str:
+        return self.guest_workdir or str(self.workspace)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the configuration and the command line say about every job of one run."""
+
+    timeout: float = 3600.0  # [vm] timeout or --timeout; 0: none
+    timeout_flag: bool = False  # --timeout was given: it wins over a CI file's own timeout
+    grace: float = 10.0
+    boot_timeout: float = 60.0
+    vcpus: int = 2
+    memory_mib: int = 1024
+    env: Mapping[str, str] = field(default_factory=dict)  # -e: over every other variable
+    term: str | None = None  # the user's TERM, when a terminal is behind the run
+
+    def job_timeout(self, own: float | None) -> float:
+        """A CI file's own job timeout (GitLab `timeout:`, GitHub `timeout-minutes`) when it
+        sets one, else kata-ci's; an explicit --timeout beats both."""
+        return self.timeout if self.timeout_flag or not own else own
+
+    def spec(self, name: str, script: JobScript, env: Mapping[str, str], workspace: Path,
+             timeout: float | None = None) -> JobSpec:
+        return JobSpec(name=name, script=script, env=env, workspace=workspace,
+                       timeout=self.timeout if timeout is None else timeout,
+                       grace=self.grace, boot_timeout=self.boot_timeout, vcpus=self.vcpus,
+                       memory_mib=self.memory_mib)
+
+
+def check_workspace(path: Path) -> Path:
+    """The workspace a user named, resolved; UserError if it cannot be shared."""
+    resolved = path.resolve()
+    if not resolved.is_dir():
+        raise UserError(f"workspace {path} is not a directory")
+    if any(ch in str(resolved) for ch in "\n\0"):
+        raise UserError(f"workspace path {resolved!r} has characters a guest path cannot hold")
+    return resolved

@@ -1,0 +1,153 @@
+"""GitHub workflow jobs as kata-ci runs them: selection, the job graph, contexts, results.
+
+A job waits for the jobs it `needs` (every matrix variant of each); its `if` is evaluated once
+they are done, against `needs.*` aggregated over the variants; with fail-fast, a failed matrix
+job cancels its siblings that have not started. Each job runs in its own VM (GitHubSteps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kata_ci.errors import UserError
+from kata_ci.runner.core.env import job_env
+from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
+from kata_ci.runner.core.schedule import JobResult, run_dag, with_needs
+from kata_ci.runner.core.spec import JobSpec, RunSettings
+from kata_ci.runner.github.expr import render
+from kata_ci.runner.github.steps import (
+    GitHubSteps,
+    RunContext,
+    condition,
+    contexts,
+    flag,
+    github_env,
+)
+from kata_ci.runner.github.workflow import GHJob, Workflow
+
+
+def select(workflow: Workflow, names: list[str], only: bool) -> list[GHJob]:
+    """Named jobs plus what they need. A job id selects all its matrix variants; a shown
+    name like `test (3.11)` selects that one."""
+    if not names:
+        return list(workflow.jobs)
+    named = [j for j in workflow.jobs if any(n in (j.key, j.name) for n in names)]
+    return with_needs(workflow.jobs, named,
+                      lambda job: [j for j in workflow.jobs if j.key in job.needs], only)
+
+
+def github_context(predefined: Mapping[str, str], event: str, workflow: Workflow,
+                   workspace: Path) -> dict[str, Any]:
+    """The `github` context of a local run, from the checkout's predefined variables."""
+    p = predefined
+    ref_name = p["CI_COMMIT_REF_NAME"]
+    ref = f"refs/tags/{ref_name}" if "CI_COMMIT_TAG" in p else f"refs/heads/{ref_name}"
+    return {"event_name": event, "ref": ref, "ref_name": ref_name,
+            "sha": p["CI_COMMIT_SHA"], "repository": f"local/{workspace.name}",
+            "repository_owner": "local", "workspace": str(workspace), "actor": "kata-ci",
+            "run_id": p["CI_PIPELINE_ID"], "run_number": "1", "run_attempt": "1",
+            "workflow": workflow.name, "event": {}, "head_ref": "", "base_ref": "",
+            "server_url": "https://github.com", "action": "", "ref_type":
+            "tag" if "CI_COMMIT_TAG" in p else "branch"}
+
+
+def aggregate(results: list[JobResult]) -> dict[str, Any]:
+    """needs.<job> of a matrix job: failure if any variant failed; outputs merged."""
+    statuses = {r.status for r in results}
+    result = ("failure" if statuses & {JobStatus.FAILED, JobStatus.TIMEOUT,
+                                       JobStatus.SYSTEM_FAILURE} else
+              "cancelled" if JobStatus.CANCELLED in statuses else
+              "skipped" if statuses == {JobStatus.SKIPPED} else "success")
+    outputs: dict[str, str] = {}
+    for r in results:
+        outputs.update({k: v for k, v in r.outputs.items() if v})
+    return {"result": result, "outputs": outputs}
+
+
+class GitHubGraph:
+    """needs, `if:` and fail-fast, as GitHub decides them."""
+
+    def __init__(self, workflow: Workflow, jobs: Sequence[GHJob], rc: RunContext) -> None:
+        self.workflow = workflow
+        self.jobs = list(jobs)
+        self.rc = rc
+        self.by_key: dict[str, list[GHJob]] = {}
+        for job in self.jobs:
+            self.by_key.setdefault(job.key, []).append(job)
+
+    def after(self, job: GHJob) -> list[str]:
+        return [v.name for need in job.needs for v in self.by_key.get(need, [])]
+
+    def need(self, key: str, results: Mapping[str, JobResult]) -> dict[str, Any]:
+        """needs.<key> once all its variants are done; a job outside the selection (--only)
+        counts as succeeded."""
+        variants = self.by_key.get(key, [])
+        if key not in self.rc.needs and variants and all(v.name in results for v in variants):
+            self.rc.needs[key] = aggregate([results[v.name] for v in variants])
+        return self.rc.needs.get(key, {"result": "success", "outputs": {}})
+
+    def decide(self, job: GHJob, results: Mapping[str, JobResult]) -> JobResult | None:
+        siblings = self.by_key[job.key]
+        if job.fail_fast and any(results[s.name].status is JobStatus.FAILED
+                                 for s in siblings if s.name in results):
+            return JobResult(job.name, JobStatus.CANCELLED)
+        needs = {n: self.need(n, results) for n in job.needs}
+        needs_ok = all(n["result"] == "success" for n in needs.values())
+        cancelled = self.rc.cancelled
+        functions: dict[str, Callable[..., Any]] = {
+            "success": lambda: needs_ok and not cancelled.is_set(), "always": lambda: True,
+            "failure": lambda: not needs_ok, "cancelled": cancelled.is_set}
+        ctx = {"github": self.rc.github, "needs": needs, "matrix": job.matrix,
+               "env": self.workflow.env}
+        if condition(job.if_, ctx, functions):
+            return None
+        return JobResult(job.name, JobStatus.SKIPPED, message="if: condition not met")
+
+    def finish(self, results: Mapping[str, JobResult]) -> None:
+        """Every finished job's needs.<key> for the caller."""
+        for key in self.by_key:
+            self.need(key, results)
+
+    def group(self, job: GHJob) -> str:
+        return self.workflow.name
+
+
+class GitHubPlan(GitHubGraph):
+    def __init__(self, workflow: Workflow, jobs: Sequence[GHJob], rc: RunContext,
+                 settings: RunSettings) -> None:
+        super().__init__(workflow, jobs, rc)
+        self.settings = settings
+        self.scripts: dict[str, GitHubSteps] = {}
+
+    def spec(self, job: GHJob) -> JobSpec:
+        base = job_env(github_env(self.rc, job), term=self.settings.term)
+        script = GitHubSteps(job, self.rc, base, self.settings.env)
+        self.scripts[job.name] = script
+        own = job.timeout_minutes * 60 if job.timeout_minutes else None
+        return self.settings.spec(job.name, script, base, self.rc.workspace,
+                                  self.settings.job_timeout(own))
+
+    def result(self, job: GHJob, outcome: Outcome, took: float) -> JobResult:
+        script = self.scripts.pop(job.name, None)
+        state = script.state if script else None
+        ctx = contexts(job, state, self.rc) if state else {"matrix": job.matrix}
+        try:
+            outputs = {k: render(v, ctx) for k, v in job.outputs.items()} if state else {}
+            allowed = flag(job.continue_on_error, ctx)
+        except UserError as exc:  # a bad expression in outputs/continue-on-error
+            return JobResult(job.name, JobStatus.FAILED, took, outcome.exit_code,
+                             f"{outcome.message}; {exc}".lstrip("; "))
+        return JobResult(job.name, JobStatus.of(outcome, allowed), took, outcome.exit_code,
+                         "" if outcome.kind is OutcomeKind.SUCCESS else outcome.message,
+                         outputs=outputs)
+
+
+def schedule(workflow: Workflow, jobs: list[GHJob], parallel: int,
+             run: Callable[[GHJob], JobResult], rc: RunContext) -> list[JobResult]:
+    graph = GitHubGraph(workflow, jobs, rc)
+    results = run_dag(jobs, graph.after, graph.decide, run, parallel, rc.cancelled)
+    graph.finish({r.name: r for r in results})
+    return results
+

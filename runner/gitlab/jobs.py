@@ -1,0 +1,180 @@
+"""GitLab CI jobs as kata-ci runs them: the job graph, the script, the predefined variables.
+
+Scheduling follows GitLab: a job with `needs` waits for exactly those jobs; one without waits
+for every job of the earlier stages. `when: on_success` needs no failure before it,
+`on_failure` needs one, `always` runs regardless, `manual` runs only when named. Each job
+runs before_script + script in one bash with `set -eo pipefail` (commands echoed with `$ `,
+as GitLab's runner does), then after_script in a fresh shell whose failure does not fail the
+job.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kata_ci.runner.core.command import Cancel
+from kata_ci.runner.core.env import job_env
+from kata_ci.runner.core.lifecycle import Session
+from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
+from kata_ci.runner.core.schedule import JobResult, run_dag, with_needs
+from kata_ci.runner.core.spec import Command, JobSpec, RunSettings
+from kata_ci.runner.gitlab.ci_file import CIJob, Pipeline, git
+
+AFTER_SCRIPT_TIMEOUT = 300.0  # GitLab's fixed after_script limit
+
+
+def _git(project: Path, *args: str) -> str:
+    return git(project, *args) or ""
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:63]
+
+
+def predefined_variables(project: Path, source: str = "push") -> dict[str, str]:
+    """CI_* variables from the local checkout (doc: ci/variables/predefined_variables.md)."""
+    sha = _git(project, "rev-parse", "HEAD") or "0" * 40
+    branch = _git(project, "rev-parse", "--abbrev-ref", "HEAD") or "main"
+    tag = _git(project, "describe", "--tags", "--exact-match") if branch == "HEAD" else ""
+    default = _git(project, "symbolic-ref", "--short", "refs/remotes/origin/HEAD")
+    default = default.split("/", 1)[-1] if default else next(
+        (b for b in ("main", "master") if _git(project, "rev-parse", "--verify", b)), branch)
+    ref = tag or branch
+    variables = {
+        "CI": "true", "GITLAB_CI": "true", "CI_SERVER": "yes", "KATA_CI": "true",
+        "CI_PROJECT_DIR": str(project), "CI_BUILDS_DIR": str(project.parent),
+        "CI_PROJECT_NAME": project.name, "CI_PROJECT_PATH": project.name,
+        "CI_COMMIT_SHA": sha, "CI_COMMIT_SHORT_SHA": sha[:8], "CI_COMMIT_REF_NAME": ref,
+        "CI_COMMIT_REF_SLUG": slug(ref), "CI_DEFAULT_BRANCH": default,
+        "CI_PIPELINE_SOURCE": source, "CI_PIPELINE_ID": str(int(time.time())),
+        "CI_COMMIT_TITLE": _git(project, "log", "-1", "--format=%s"),
+    }
+    if tag:
+        variables["CI_COMMIT_TAG"] = tag
+    else:
+        variables["CI_COMMIT_BRANCH"] = branch
+    return variables
+
+
+def expand(variables: Mapping[str, str], base: Mapping[str, str]) -> dict[str, str]:
+    """$VAR and ${VAR} inside variable values, from earlier definitions (GitLab expands)."""
+    known = dict(base)
+    for key, value in variables.items():
+        known[key] = re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?",
+                            lambda m: known.get(m.group(1), m.group(0)), value)
+    return {k: known[k] for k in variables}
+
+
+def job_script(lines: list[str], echo: bool = True) -> str:
+    parts = ["set -eo pipefail"]
+    for line in lines:
+        if echo:
+            parts.append(f"printf '\\033[32m%s\\033[0m\\n' {shlex.quote('$ ' + line)}")
+        parts.append(line)
+    return "\n".join(parts) + "\n"
+
+
+@dataclass(frozen=True)
+class GitLabScript:
+    """before_script + script, then after_script with CI_JOB_STATUS."""
+
+    job: CIJob
+
+    def run(self, session: Session) -> Outcome:
+        for key in self.job.unsupported:
+            session.note(f"{key}: is not honoured without a registry; the job runs in the "
+                         "kata-ci VM image")
+        main = job_script(self.job.before_script + self.job.script)
+        outcome = session.run(Command(["bash", "-c", main]))
+        if self.job.after_script and outcome.kind is not OutcomeKind.SYSTEM_FAILURE \
+                and not session.cancel.is_set():
+            status = "success" if outcome.kind is OutcomeKind.SUCCESS else "failed"
+            after = session.run(Command(
+                ["bash", "-c", job_script(self.job.after_script)],
+                env={**session.spec.env, "CI_JOB_STATUS": status},
+                timeout=AFTER_SCRIPT_TIMEOUT, within_job_timeout=False,
+                timeout_message=f"after_script timed out after {AFTER_SCRIPT_TIMEOUT:g}s"))
+            if after.kind is not OutcomeKind.SUCCESS:
+                session.note(f"after_script failed ({after.message}); the job's status is "
+                             "unchanged")
+        return outcome
+
+
+def select(pipeline: Pipeline, names: list[str], only: bool) -> list[CIJob]:
+    """The named jobs (all but manual ones when none is named), plus what they need."""
+    if not names:
+        return [j for j in pipeline.jobs if j.when != "manual"]
+    named = [job for n in names for job in pipeline.named(n)]
+    chosen = with_needs(pipeline.jobs, named,
+                        lambda job: [pipeline.job(n) for n in job.needs or []], only)
+    for job in named:  # named explicitly: a manual job runs
+        if job.when == "manual":
+            job.when = "on_success"
+    return chosen
+
+
+class GitLabGraph:
+    """Which jobs wait for which, and which run, as GitLab decides."""
+
+    def __init__(self, pipeline: Pipeline, jobs: Sequence[CIJob]) -> None:
+        self.pipeline = pipeline
+        self.jobs = list(jobs)
+        self.order = {s: i for i, s in enumerate(pipeline.stages)}
+
+    def after(self, job: CIJob) -> list[str]:
+        if job.when == "manual":
+            return []
+        if job.needs is not None:
+            return list(job.needs)
+        return [j.name for j in self.jobs
+                if self.order[j.stage] < self.order[job.stage] and j.when != "manual"]
+
+    def decide(self, job: CIJob, results: Mapping[str, JobResult]) -> JobResult | None:
+        if job.when == "manual":
+            return JobResult(job.name, JobStatus.MANUAL, message="manual: name it to run")
+        failed = any(not results[d].ok for d in self.after(job) if d in results)
+        if job.when == "always" or (job.when == "on_failure") == failed:
+            return None
+        why = "an earlier job failed" if failed else "no earlier job failed"
+        return JobResult(job.name, JobStatus.SKIPPED, message=f"when: {job.when}, and {why}")
+
+    def group(self, job: CIJob) -> str:
+        return job.stage
+
+
+class GitLabPlan(GitLabGraph):
+    """The graph, plus how each job becomes a JobSpec and what its outcome means."""
+
+    def __init__(self, pipeline: Pipeline, jobs: Sequence[CIJob], project: Path,
+                 predefined: Mapping[str, str], user_vars: Mapping[str, str],
+                 settings: RunSettings) -> None:
+        super().__init__(pipeline, jobs)
+        self.project = project
+        self.predefined = predefined
+        self.user_vars = user_vars
+        self.settings = settings
+
+    def spec(self, job: CIJob) -> JobSpec:
+        # predefined < global < job < --var/--env-file < -e
+        variables = {**self.predefined, **expand(job.variables, self.predefined),
+                     **self.user_vars}
+        env = job_env(variables, self.settings.env, term=self.settings.term)
+        return self.settings.spec(job.name, GitLabScript(job), env, self.project,
+                                  self.settings.job_timeout(job.timeout))
+
+    def result(self, job: CIJob, outcome: Outcome, took: float) -> JobResult:
+        allowed = job.allow_failure or (outcome.kind is OutcomeKind.JOB_FAILURE
+                                        and outcome.exit_code in job.allow_exit_codes)
+        return JobResult(job.name, JobStatus.of(outcome, allowed), took, outcome.exit_code,
+                         outcome.message)
+
+
+def schedule(pipeline: Pipeline, jobs: list[CIJob], parallel: int,
+             run: Callable[[CIJob], JobResult], cancel: Cancel) -> list[JobResult]:
+    graph = GitLabGraph(pipeline, jobs)
+    return run_dag(jobs, graph.after, graph.decide, run, parallel, cancel)
