@@ -116,7 +116,7 @@ def main() -> None:
     manifest = load_current(paths.cache_dir())
     run_root = Path(tempfile.mkdtemp(prefix="kci-bench-", dir="/tmp"))
     decision = choose("auto", manifest, paths.cache_dir(), run_root)
-    backend = QemuBackend(decision.accel, run_root)
+    backend = QemuBackend(decision.accel, run_root, Path(manifest.tools.path))
     workspace = Path(tempfile.mkdtemp(prefix="kci-bench-ws-"))
     base = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
                   rootfs=Path(manifest.rootfs.path), workspace=workspace)

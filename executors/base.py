@@ -30,6 +30,7 @@ class VMSpec:
     guest_workdir: str | None = None  # where the workspace appears; default: same path
     network: Literal["none"] = "none"  # only isolation so far; no NIC at all
     overlay_size: str = "50%"  # tmpfs upper layer over the read-only rootfs
+    max_file_size: int | None = None  # bytes; no file the guest writes in the workspace grows past
     extra_kernel_args: tuple[str, ...] = field(default=())
     extra_qemu_args: tuple[str, ...] = field(default=())  # operators' escape hatch; bench uses it
 

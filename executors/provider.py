@@ -77,7 +77,7 @@ class ColdBootProvider(VMProvider):
             vm.kill()
 
 
-def open_provider(accel: str, notify: Notify) -> VMProvider:
+def open_provider(accel: str, notify: Notify, max_file_size: int | None = None) -> VMProvider:
     """Once per process: images, acceleration, and the VMs of earlier kata-ci processes that
     were killed outright. UserError when this host cannot run VMs (nothing was started)."""
     from kata_ci.executors.qemu.accel import choose
@@ -93,5 +93,6 @@ def open_provider(accel: str, notify: Notify) -> VMProvider:
         notify(f"using TCG software emulation, not KVM: {decision.reason} "
                "Jobs run several times slower; `kata-ci doctor` explains.")
     base = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
-                  rootfs=Path(manifest.rootfs.path))
-    return ColdBootProvider(QemuBackend(decision.accel, run_root), base)
+                  rootfs=Path(manifest.rootfs.path), max_file_size=max_file_size)
+    return ColdBootProvider(QemuBackend(decision.accel, run_root, Path(manifest.tools.path)),
+                            base)

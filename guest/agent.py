@@ -34,6 +34,14 @@ SOCKET = "/run/kata-ci-agent.sock"
 READ_CHUNK = 1024 * 1024
 CLOCK_TOLERANCE_NS = 200_000_000  # step the clock only when it is really off, never jitter it
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SPAWN = "/opt/kata-ci/agent/kata-ci-spawn"
+
+
+def _findable(program: str, cwd: str, path: str) -> bool:
+    """Whether exec would find ``program`` (else Popen reports the error, as it always did)."""
+    if "/" in program:
+        return os.access(os.path.join(cwd, program), os.X_OK)
+    return any(os.access(os.path.join(d or ".", program), os.X_OK) for d in path.split(":"))
 PUT_FILES_LIMIT = 4 << 20  # agent.proto: PutFiles carries small files only
 
 
@@ -81,9 +89,15 @@ class AgentService(pb_grpc.AgentServicer):
         self, request: pb.ExecRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ExecEvent]:
         env = dict(request.env) or {"PATH": DEFAULT_PATH}
+        argv = list(request.argv)
+        # Through kata-ci-spawn (guest/init.c): the job loses the agent's OOM exemption.
+        # A missing program is still reported by Popen itself, as before.
+        cwd = request.cwd or self.workdir
+        if argv and os.path.exists(SPAWN) and _findable(argv[0], cwd, env.get("PATH", "")):
+            argv = [SPAWN, *argv]
         try:
             proc = subprocess.Popen(
-                list(request.argv), env=env, cwd=request.cwd or self.workdir,
+                argv, env=env, cwd=cwd,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 start_new_session=True,  # its own process group: Signal reaches all it starts
             )

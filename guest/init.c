@@ -12,6 +12,12 @@
  *
  * Configuration comes only from kataci.* words of the kernel command line; never secrets.
  * kataci.mode=floor powers off at once (the benchmark floor and the KVM probe use it).
+ *
+ * Memory: the agent is exempt from the OOM killer (oom_score_adj -1000); every job command
+ * starts through this same binary under the name kata-ci-spawn, which puts the job back to
+ * 0 before exec, so a job's children never inherit the exemption. Everything a job can write
+ * in RAM is bounded together: /, /tmp and /run share the one overlay tmpfs (kataci.overlay_size),
+ * /dev/shm has its own small bound. A job filling them gets ENOSPC; the agent stays.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -120,7 +126,23 @@ static void loopback_up(void) {
     close(fd);
 }
 
-int main(void) {
+static void set_oom_score_adj(const char *value) {
+    int fd = open("/proc/self/oom_score_adj", O_WRONLY);
+    if (fd >= 0) {
+        if (write(fd, value, strlen(value)) < 0) { /* the default then stays */ }
+        close(fd);
+    }
+}
+
+int main(int argc, char **argv_in) {
+    const char *self = strrchr(argv_in[0], '/');
+    if (strcmp(self ? self + 1 : argv_in[0], "kata-ci-spawn") == 0) {
+        set_oom_score_adj("0");
+        if (argc < 2) return 127;
+        execvp(argv_in[1], &argv_in[1]);
+        fprintf(stderr, "kata-ci-spawn: %s: %s\n", argv_in[1], strerror(errno));
+        return errno == ENOENT ? 127 : 126;
+    }
     char value[1024], workdir[1024] = "/";
     mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
     must_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
@@ -149,13 +171,16 @@ int main(void) {
     must_mount("/dev", "/newroot/dev", NULL, MS_MOVE, NULL);
     must_mount("/proc", "/newroot/proc", NULL, MS_MOVE, NULL);
     must_mount("/sys", "/newroot/sys", NULL, MS_MOVE, NULL);
-    must_mount("tmpfs", "/newroot/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
-    must_mount("tmpfs", "/newroot/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+    /* /tmp and /run live on the overlay: one bound for everything a job writes in RAM. */
+    mkdirs("/newroot/tmp", 01777);
+    chmod("/newroot/tmp", 01777);
+    mkdirs("/newroot/run", 0755);
     mkdirs("/newroot/dev/pts", 0755);
     must_mount("devpts", "/newroot/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC,
                "newinstance,ptmxmode=0666,gid=5,mode=0620");
     mkdirs("/newroot/dev/shm", 01777);
-    must_mount("tmpfs", "/newroot/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    must_mount("tmpfs", "/newroot/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
+               "mode=1777,size=10%");
     if (option("workdir", value, sizeof value)) {
         percent_decode(value);
         snprintf(workdir, sizeof workdir, "%s", value);
@@ -185,6 +210,7 @@ int main(void) {
     pid_t agent = fork();
     if (agent < 0) die("fork");
     if (agent == 0) {
+        set_oom_score_adj("-1000");
         execve("/usr/bin/python3", argv, envp);
         die("exec python3");
     }

@@ -23,6 +23,7 @@ from kata_ci.errors import ImagesMissing, KataCIError
 Progress = Callable[[str], None]
 HERE = Path(__file__).resolve().parent
 MANIFEST_NAME = "manifest.json"
+KINDS = ("kernel", "rootfs", "initramfs", "tools")
 
 
 class BuildError(KataCIError):
@@ -72,6 +73,7 @@ class Manifest:
     kernel: Artifact
     rootfs: Artifact
     initramfs: Artifact
+    tools: Artifact  # a directory: kata-ci-jail and virtiofsd (images/tools.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -81,7 +83,7 @@ class Manifest:
         path = cache / MANIFEST_NAME
         try:
             raw = json.loads(path.read_text())
-            manifest = cls(**{k: Artifact(**raw[k]) for k in ("kernel", "rootfs", "initramfs")})
+            manifest = cls(**{k: Artifact(**raw[k]) for k in KINDS})
         except FileNotFoundError:
             raise ImagesMissing(
                 f"guest images are not built (no {path}): run `kata-ci images build`"
@@ -90,8 +92,8 @@ class Manifest:
             raise ImagesMissing(
                 f"image manifest {path} is unreadable ({exc}): run `kata-ci images build`"
             ) from None
-        for artifact in (manifest.kernel, manifest.rootfs, manifest.initramfs):
-            if not Path(artifact.path).is_file():
+        for artifact in (manifest.kernel, manifest.rootfs, manifest.initramfs, manifest.tools):
+            if not Path(artifact.path).exists():
                 raise ImagesMissing(
                     f"image {artifact.path} is missing: run `kata-ci images build`"
                 )

@@ -9,13 +9,15 @@ from kata_ci.images.artifacts import Manifest, Progress
 from kata_ci.images.initramfs import build_initramfs, initramfs_key
 from kata_ci.images.kernel import build_kernel
 from kata_ci.images.rootfs import build_rootfs, guest_python_version
+from kata_ci.images.tools import build_tools, tools_key
 
 
 def build_all(cache: Path, progress: Progress, mirror: str | None = None) -> Manifest:
     kernel = build_kernel(cache, progress)
     rootfs = build_rootfs(cache, progress, mirror)
     initramfs = build_initramfs(cache, progress, guest_python_version(rootfs))
-    manifest = Manifest(kernel=kernel, rootfs=rootfs, initramfs=initramfs)
+    tools = build_tools(cache, progress, mirror)
+    manifest = Manifest(kernel=kernel, rootfs=rootfs, initramfs=initramfs, tools=tools)
     manifest.save(cache)
     return manifest
 
@@ -32,4 +34,7 @@ def load_current(cache: Path) -> Manifest:
         raise ImagesMissing(
             "guest images are older than this kata-ci (agent changed): run `kata-ci images build`"
         )
+    if manifest.tools.key != tools_key():
+        raise ImagesMissing("host tools (jail, virtiofsd) are older than this kata-ci: "
+                            "run `kata-ci images build`")
     return manifest

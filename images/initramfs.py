@@ -74,6 +74,8 @@ def build_initramfs(cache: Path, progress: Progress, guest_python: str) -> Artif
         writer.directory(directory)
     writer.device("dev/console", 5, 1)
     writer.file("init", init.read_bytes(), 0o755)
+    # The same binary, by another name: the agent starts job commands through it (init.c).
+    writer.file("kata-ci/kata-ci-spawn", init.read_bytes(), 0o755)
     with tempfile.TemporaryDirectory() as tmp:
         for rel, src in agent_sources().items():
             _add_parents(writer, f"kata-ci/{rel}")

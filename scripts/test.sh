@@ -7,4 +7,4 @@ bash scripts/setup.sh
 bash scripts/lint.sh
 .venv/bin/kata-ci doctor
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/integration
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/e2e
+.venv/bin/python -m pytest -q -p no:cacheprovider tests/security tests/e2e

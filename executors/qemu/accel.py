@@ -84,7 +84,7 @@ def probe(manifest: Manifest, run_root: Path) -> AccelDecision:
 
     spec = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
                   rootfs=None, vcpus=1, memory_mib=256)
-    vm = QemuBackend("kvm", run_root).create_floor(spec)
+    vm = QemuBackend("kvm", run_root, Path(manifest.tools.path)).create_floor(spec)
     try:
         times = vm.start(PROBE_TIMEOUT)
     except SystemFailure as exc:

@@ -14,8 +14,26 @@ from kata_ci.executors.base import Accel, VMSpec
 AGENT_PORT_NAME = "kataci.agent"  # /dev/virtio-ports/<name> in the guest (guest/transport.py)
 AGENT_PORT_ID = "agentport"  # QMP VSERPORT_CHANGE reports this id when the guest opens it
 WORKSPACE_TAG = "workspace"  # virtio-fs tag, mounted by guest/init.c
-VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 QEMU = "qemu-system-x86_64"
+# QEMU's own seccomp filter (qemu-options "-sandbox"): no obsolete syscalls, no setuid/setgid,
+# no fork/exec, no scheduler or priority changes. On top of the unprivileged identity.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# Guest xattrs: security.capability is refused (a file capability must never take effect on
+# the host); everything else passes unchanged.
+XATTRMAP = ":bad:all:security.capability:security.capability: :ok:all:::"
+NO_ID = 4294967295  # count for "every id" in virtiofsd's translate maps
+
+
+@dataclass(frozen=True)
+class GuestFiles:
+    """How QEMU names the files it must open. The backend passes them as inherited file
+    descriptors (/proc/self/fd/N): QEMU runs as an identity that cannot read kata-ci's cache,
+    and the console is a pipe to a size-capped log, never a file QEMU could grow."""
+
+    kernel: str
+    initramfs: str
+    rootfs: str | None
+    console: str
 
 
 @dataclass(frozen=True)
@@ -88,18 +106,27 @@ def accel_args(accel: Accel, vcpus: int) -> list[str]:
 
 
 def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False,
-              tsc_khz: int | None = None) -> list[str]:
+              tsc_khz: int | None = None, files: GuestFiles | None = None,
+              in_run_dir: bool = False) -> list[str]:
     """The QEMU command line for one microVM.
 
     microvm: no PCI, no firmware, no ACPI; virtio-mmio devices announced on the kernel command
     line. vhost-user-fs needs guest RAM in a shared memfd, so RAM comes from an explicit
-    memory-backend whenever a workspace is shared.
+    memory-backend whenever a workspace is shared. ``in_run_dir``: QEMU starts with the run
+    dir as its working directory and names its sockets relative to it, so its identity needs
+    no access to the folders above (they may be root's).
     """
+    name = paths.root.name
+    if in_run_dir:
+        paths = VMPaths(Path("."))
     mem = f"{spec.memory_mib}M"
+    files = files or GuestFiles(str(spec.kernel), str(spec.initramfs),
+                                str(spec.rootfs) if spec.rootfs else None, str(paths.console))
     # rtc=on: the guest starts with the right second (Health then sets it to the millisecond).
     machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off"
-    argv = [QEMU, "-name", f"kata-ci,process=kata-ci-vm-{paths.root.name}",
+    argv = [QEMU, "-name", f"kata-ci,process=kata-ci-vm-{name}",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-sandbox", SANDBOX,
             *accel_args(accel, spec.vcpus),
             "-smp", str(spec.vcpus), "-m", mem]
     if spec.workspace is not None and not floor:
@@ -109,9 +136,9 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False,
         "-machine", machine,
         # Modern virtio over mmio: vhost-user (virtiofsd) refuses legacy devices.
         "-global", "virtio-mmio.force-legacy=false",
-        "-kernel", str(spec.kernel), "-initrd", str(spec.initramfs),
+        "-kernel", files.kernel, "-initrd", files.initramfs,
         "-append", kernel_cmdline(spec, floor, tsc_khz if accel == "tcg" else None),
-        "-chardev", f"file,id=console,path={paths.console}", "-serial", "chardev:console",
+        "-chardev", f"file,id=console,path={files.console}", "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={paths.qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
     ]
@@ -124,9 +151,9 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False,
         "-chardev", f"socket,id=agent,path={paths.agent},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},id={AGENT_PORT_ID}",
     ]
-    if spec.rootfs is not None:
+    if files.rootfs is not None:
         # readonly=on: one image serves every VM at once; each guest writes to its own tmpfs.
-        argv += ["-drive", f"id=root,file={spec.rootfs},format=raw,if=none,readonly=on",
+        argv += ["-drive", f"id=root,file={files.rootfs},format=raw,if=none,readonly=on",
                  "-device", "virtio-blk-device,drive=root"]
     if spec.workspace is not None:
         argv += ["-chardev", f"socket,id=fs,path={paths.virtiofs}",
@@ -134,14 +161,26 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False,
     return argv + list(spec.extra_qemu_args)
 
 
-def virtiofsd_argv(spec: VMSpec, paths: VMPaths) -> list[str]:
-    """virtiofsd sharing exactly the workspace.
+def virtiofsd_argv(spec: VMSpec, program: str, fd: int, owner_uid: int, owner_gid: int,
+                   root: bool) -> list[str]:
+    """virtiofsd 1.13 (images/tools.py) sharing exactly the workspace, on a listening socket
+    kata-ci made (``fd``), so the server needs no access to the run directory.
 
     sandbox=namespace (pivot_root into the workspace): a symlink pointing outside it resolves
     inside the sandbox, never to the host's files. cache=auto: the host may change files while
-    the job runs (an editor, a second job) and the guest must see it.
+    the job runs (an editor, a second job) and the guest must see it. Ownership: whatever uid
+    or gid the guest creates or chowns to lands on the host as the workspace's owner, and the
+    owner's files appear to the guest as root's, so a job running as root may write them.
+    ``root``: the server runs as root (a root-owned workspace); it then gives up the
+    capabilities to make device nodes, set file capabilities and keep setid bits on write.
     """
     assert spec.workspace is not None
-    return [VIRTIOFSD, f"--socket-path={paths.virtiofs}", "-o", f"source={spec.workspace}",
-            "-o", "sandbox=namespace", "-o", "cache=auto", "-o", "log_level=warn",
-            "-o", "no_posix_lock", "-o", "xattr"]
+    argv = [program, f"--fd={fd}", f"--shared-dir={spec.workspace}", "--sandbox=namespace",
+            "--cache=auto", "--log-level=warn", "--rlimit-nofile=0", "--xattr",
+            f"--xattrmap={XATTRMAP}",
+            f"--translate-uid=squash-guest:0:{owner_uid}:{NO_ID}",
+            f"--translate-gid=squash-guest:0:{owner_gid}:{NO_ID}",
+            f"--translate-uid=host:{owner_uid}:0:1", f"--translate-gid=host:{owner_gid}:0:1"]
+    if root:
+        argv.append("--modcaps=-mknod:-setfcap:-fsetid")
+    return argv

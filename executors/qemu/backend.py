@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -24,24 +25,30 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from kata_ci.errors import SystemFailure
 from kata_ci.executors.agent_client import AgentClient, VirtioSerialChannel
 from kata_ci.executors.base import VM, Accel, Backend, BootTimes, Capabilities, VMSpec
-from kata_ci.executors.qemu.argv import AGENT_PORT_ID, VMPaths, qemu_argv, virtiofsd_argv
+from kata_ci.executors.qemu.argv import (
+    AGENT_PORT_ID,
+    GuestFiles,
+    VMPaths,
+    qemu_argv,
+    virtiofsd_argv,
+)
+from kata_ci.executors.qemu.confine import (
+    Identity,
+    VMCgroup,
+    fileserver_identity,
+    jail_argv,
+    limits_for,
+    qemu_identity,
+    remove_stale_cgroup,
+    workspace_owner,
+)
+from kata_ci.executors.qemu.logs import LogPump, tail
 from kata_ci.procs import pid_alive
 
 RECORD = "vm.json"
-
-
-@functools.cache
-def _die_with_parent() -> list[str]:
-    """A prefix that makes the VM's processes get SIGKILL when kata-ci dies (killed -9).
-
-    setpriv (util-linux, Essential on Debian) sets the parent-death signal and execs, so the
-    pid stays the VM process's own. A Python preexec_fn would do the same but runs Python in
-    the forked child, which can deadlock when other threads hold locks at fork time (two VMs
-    starting at once in a pipeline). The kernel ties the signal to the spawning *thread*; VMs
-    are started from threads that outlive them.
-    """
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+# What the guest kernel prints when it stops for good while QEMU keeps running: without ACPI
+# a power-off is a halt (all vCPUs parked), and a halted guest answers nothing, ever.
+HALT_MARKERS = (b"reboot: System halted", b"reboot: Power down")
 
 
 @functools.cache
@@ -62,24 +69,19 @@ def host_tsc_khz() -> int | None:
     return round(float(mhz) * 1000)
 
 
-def tail(path: Path, lines: int) -> str:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 64 * 1024))
-            data = handle.read()
-    except OSError:
-        return ""
-    return b"\n".join(data.splitlines()[-lines:]).decode(errors="replace")
-
-
 class QemuVM(VM):
-    def __init__(self, spec: VMSpec, accel: Accel, run_root: Path, floor: bool = False) -> None:
+    def __init__(self, spec: VMSpec, accel: Accel, run_root: Path, tools: Path,
+                 floor: bool = False) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.spec = spec
         self.accel = accel
         self.floor = floor
+        self.tools = tools
         self.paths = VMPaths(run_root / self.id)
+        self._cgroup = VMCgroup(self.id, limits_for(spec.vcpus, spec.memory_mib, accel))
+        self._pump = LogPump()
+        self._halted = ""
+        self._console_tail = b""
         self._qemu: subprocess.Popen[bytes] | None = None
         self._virtiofsd: subprocess.Popen[bytes] | None = None
         self._agent: AgentClient | None = None
@@ -93,13 +95,33 @@ class QemuVM(VM):
         started = time.monotonic()
         deadline = started + timeout
         self._boot_timeout = timeout
-        self.paths.root.mkdir(parents=True, mode=0o700)
+        identity = qemu_identity()
+        self._make_run_dir(identity)
+        cgroups = self._cgroup.create()
+        jail = str(self.tools / "bin" / "kata-ci-jail")
         if self.spec.workspace is not None and not self.floor:
-            self._virtiofsd = self._spawn(virtiofsd_argv(self.spec, self.paths),
-                                          self.paths.virtiofsd_log)
-            self._wait_for(self.paths.virtiofs, deadline, "virtiofsd socket")
-        argv = qemu_argv(self.spec, self.paths, self.accel, self.floor, host_tsc_khz())
-        self._qemu = self._spawn(argv, self.paths.qemu_log)
+            self._start_fileserver(jail, cgroups, identity)
+        with contextlib.ExitStack() as opened:
+            def fd(path: Path | None) -> str | None:
+                if path is None:
+                    return None
+                handle = opened.enter_context(open(path, "rb"))
+                return f"/proc/self/fd/{handle.fileno()}"
+
+            console = self._pump.pipe(self.paths.console, self._watch_console)
+            opened.callback(os.close, console)
+            if identity is not None:  # QEMU reopens it by /proc/self/fd, as its own identity
+                os.fchown(console, identity.uid, identity.gid)
+            files = GuestFiles(kernel=fd(self.spec.kernel) or "", initramfs=fd(self.spec.initramfs)
+                               or "", rootfs=fd(self.spec.rootfs),
+                               console=f"/proc/self/fd/{console}")
+            argv = jail_argv(Path(jail), identity, cgroups) + qemu_argv(
+                self.spec, self.paths, self.accel, self.floor, host_tsc_khz(), files,
+                in_run_dir=True)
+            keep = [int(p.rsplit("/", 1)[1]) for p in (files.kernel, files.initramfs,
+                                                       files.rootfs, files.console) if p]
+            self._qemu = self._spawn(argv, self.paths.qemu_log, keep)
+        self._pump.start()
         self._record()
         if self.floor:
             return self._wait_floor(started, deadline)
@@ -123,6 +145,9 @@ class QemuVM(VM):
         return {name: proc.pid for name, proc in found.items() if proc and proc.poll() is None}
 
     def check(self) -> None:
+        if self._halted:
+            raise SystemFailure(f"the guest stopped on its own ({self._halted})",
+                                self.diagnostics())
         if self._killed:
             raise SystemFailure("VM was killed", self._saved_diagnostics)
         if self._qemu is not None and self._qemu.poll() is not None:
@@ -166,6 +191,8 @@ class QemuVM(VM):
             if self._agent is not None:
                 with contextlib.suppress(Exception):
                     self._agent.close()
+            self._pump.join()
+            self._cgroup.remove()
             shutil.rmtree(self.paths.root, ignore_errors=True)
 
     def diagnostics(self, lines: int = 30) -> str:
@@ -179,18 +206,66 @@ class QemuVM(VM):
         return "\n".join(p for p in parts if p)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _spawn(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
-        with log.open("ab") as sink:
-            try:
-                return subprocess.Popen(
-                    [*_die_with_parent(), *argv], stdin=subprocess.DEVNULL, stdout=sink,
-                    stderr=subprocess.STDOUT,
-                    # Own session: a Ctrl-C on the terminal reaches kata-ci, not the VM, so
-                    # cancel can be graceful.
-                    start_new_session=True,
-                )
-            except OSError as exc:
-                raise SystemFailure(f"cannot start {argv[0]}: {exc}") from None
+    def _watch_console(self, data: bytes) -> None:
+        """On the log thread: a halted guest is ended at once. Killing QEMU closes the agent
+        socket, so the call in flight fails now, not at the job's timeout; ``check`` then
+        names the cause. The guest could print the marker itself: it only ends its own VM."""
+        window = self._console_tail + data
+        self._console_tail = window[-64:]
+        marker = next((m for m in HALT_MARKERS if m in window), None)
+        if marker is None or self._halted or self.floor:
+            return
+        self._halted = marker.decode().removeprefix("reboot: ").lower()
+        if self._qemu is not None:
+            with contextlib.suppress(OSError):
+                self._qemu.kill()
+
+    def _make_run_dir(self, identity: Identity | None) -> None:
+        """The VM's run dir belongs to QEMU's identity: QEMU makes its QMP and agent sockets
+        there, started inside it (``cwd``), so the folders above need not be open to it."""
+        self.paths.root.mkdir(parents=True, mode=0o700)
+        if identity is not None:
+            os.chown(self.paths.root, identity.uid, identity.gid)
+
+    def _start_fileserver(self, jail: str, cgroups: list[Path], qemu: Identity | None) -> None:
+        """virtiofsd on a socket kata-ci binds and listens on: the server, possibly another
+        identity, needs no access to the run dir; QEMU (its identity owns the socket file)
+        connects to it by path."""
+        assert self.spec.workspace is not None
+        owner = workspace_owner(self.spec.workspace)
+        identity = fileserver_identity(owner)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.paths.virtiofs))
+            listener.listen(1)
+            if qemu is not None:
+                os.chown(self.paths.virtiofs, qemu.uid, qemu.gid)
+            as_root = identity is None and os.geteuid() == 0
+            argv = jail_argv(Path(jail), identity, cgroups, fsize=self.spec.max_file_size,
+                             no_setid_files=True) + virtiofsd_argv(
+                self.spec, str(self.tools / "bin" / "virtiofsd"), listener.fileno(),
+                owner.uid, owner.gid, as_root)
+            self._virtiofsd = self._spawn(argv, self.paths.virtiofsd_log, [listener.fileno()])
+        finally:
+            listener.close()
+
+    def _spawn(self, argv: list[str], log: Path, keep: list[int]) -> subprocess.Popen[bytes]:
+        out = self._pump.pipe(log)
+        try:
+            return subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, pass_fds=keep,
+                cwd=self.paths.root,
+                # Own session: a Ctrl-C on the terminal reaches kata-ci, not the VM, so
+                # cancel can be graceful.
+                start_new_session=True,
+                # Keep SIGXFSZ ignored (Python ignores it): the jail relies on that for
+                # --fsize, so a write past the bound fails with EFBIG instead of a kill.
+                restore_signals=False,
+            )
+        except OSError as exc:
+            raise SystemFailure(f"cannot start {argv[0]}: {exc}") from None
+        finally:
+            os.close(out)
 
     def _record(self) -> None:
         pids = {"owner": os.getpid(), "qemu": self._qemu.pid if self._qemu else None,
@@ -254,6 +329,7 @@ class QemuVM(VM):
         except subprocess.TimeoutExpired:
             raise SystemFailure("guest did not power off in time", self.diagnostics()) from None
         elapsed = time.monotonic() - started
+        self._pump.join()  # the console's last lines are in the pipe
         if "floor: powering off" not in tail(self.paths.console, 50):
             raise SystemFailure("guest exited without reaching init", self.diagnostics())
         return BootTimes(agent_healthy=elapsed, guest_uptime_at_health=0.0, guest_agent_started=0.0)
@@ -265,16 +341,17 @@ class QemuBackend(Backend):
     # it. vsock: not on these hosts (no vhost-vsock); the agent channel is virtio-serial.
     capabilities = Capabilities(snapshot=False, hotplug=False, vsock=False)
 
-    def __init__(self, accel: Accel, run_root: Path) -> None:
+    def __init__(self, accel: Accel, run_root: Path, tools: Path) -> None:
         self.accel = accel
         self.run_root = run_root
+        self.tools = tools  # images/tools.py: kata-ci-jail, virtiofsd
 
     def create(self, spec: VMSpec) -> QemuVM:
-        return QemuVM(spec, self.accel, self.run_root)
+        return QemuVM(spec, self.accel, self.run_root, self.tools)
 
     def create_floor(self, spec: VMSpec) -> QemuVM:
         """A VM whose init powers off at once: the benchmark floor and the KVM probe."""
-        return QemuVM(spec, self.accel, self.run_root, floor=True)
+        return QemuVM(spec, self.accel, self.run_root, self.tools, floor=True)
 
 
 def reap_orphans(run_root: Path) -> list[str]:
@@ -296,28 +373,23 @@ def reap_orphans(run_root: Path) -> list[str]:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(vm_dir, ignore_errors=True)
+        remove_stale_cgroup(vm_dir.name)
         reaped.append(vm_dir.name)
     return reaped
 
 
-_ACCEPTCON = 0x10000  # __SO_ACCEPTCON in /proc/net/unix: the socket is listening
-
-
 def _listening(path: Path) -> bool:
-    """Whether a unix socket is bound at ``path`` and listening, without connecting to it
-    (virtiofsd serves exactly one connection: a probe would use it up)."""
-    if not path.exists():
-        return False
+    """Whether a unix socket at ``path`` accepts connections. Only used for QMP, which takes
+    a new client once the probe's connection closes. (QEMU binds its sockets by relative
+    name inside the run dir, so /proc/net/unix cannot tell one VM's from another's.)"""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        table = Path("/proc/net/unix").read_text()
+        probe.connect(str(path))
     except OSError:
-        return True  # no way to tell: the file is there
-    wanted = str(path)
-    for line in table.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 8 and fields[7] == wanted and int(fields[3], 16) & _ACCEPTCON:
-            return True
-    return False
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _cmdline_mentions(pid: int, vm_id: str) -> bool:

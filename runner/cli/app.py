@@ -7,6 +7,8 @@ signal N), 124 timeout, 125 system failure (the VM or its plumbing failed, not t
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +25,13 @@ from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.env import job_env, user_term
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
 from kata_ci.runner.core.sinks import TerminalSink
-from kata_ci.runner.core.spec import Command, Commands, RunSettings, check_workspace
+from kata_ci.runner.core.spec import (
+    Command,
+    Commands,
+    RunSettings,
+    check_workspace,
+    checkout_lock,
+)
 
 err = Console(stderr=True, highlight=False)
 EXIT_USAGE = 2
@@ -63,6 +71,11 @@ class _RunCommand(click.Command):
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Acceleration.")
 @click.option("-e", "--env", "env_items", multiple=True, metavar="NAME[=VALUE]",
               help="Set a variable in the job (NAME alone passes the host's value).")
+@click.option("--secret", "secret_items", multiple=True, metavar="NAME[=@FILE]",
+              help="A secret: NAME takes the host's environment variable NAME, NAME=@FILE a "
+                   "file's content (one trailing newline dropped); at least 8 bytes. It is in "
+                   "the job's environment (GitHub: only as ${{ secrets.NAME }}) and masked in "
+                   "its output, also base64- and URL-encoded. Never NAME=VALUE: argv is public.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
               help="TOML config file (default: ~/.config/kata-ci/config.toml).")
 @click.option("--gitlab-ci", "gitlab_ci", type=click.Path(path_type=Path),
@@ -83,7 +96,8 @@ class _RunCommand(click.Command):
 @click.pass_context
 def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int | None,
         timeout: float | None, grace: float | None, accel: str | None,
-        env_items: tuple[str, ...], config_path: Path | None, gitlab_ci: Path | None,
+        env_items: tuple[str, ...], secret_items: tuple[str, ...], config_path: Path | None,
+        gitlab_ci: Path | None,
         workflow: Path | None, pipeline: bool, only: bool, parallel: int,
         var_items: tuple[str, ...],
         env_file: Path | None, event: str, command: tuple[str, ...]) -> None:
@@ -94,14 +108,20 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
       kata-ci run build test       run these jobs (and the jobs they need)
       kata-ci run --pipeline -j 2  the whole pipeline, two VMs at once
       kata-ci run -- make test     a command, executed directly (use sh -c for shell syntax)
+      kata-ci run --secret TOKEN --secret KEY=@key.txt build    with masked secrets
     """
     from kata_ci.runner.core.env import parse_env
+    from kata_ci.runner.core.secrets import parse_secrets
 
     try:
         cfg = config_mod.load(config_path).with_vm(
             vcpus=vcpus, memory_mib=memory_mib, timeout=timeout, grace=grace, accel=accel)
         root = check_workspace(workspace)
-        settings = run_settings(cfg, parse_env(env_items), timeout is not None)
+        settings = run_settings(cfg, parse_env(env_items), timeout is not None,
+                                parse_secrets(secret_items, root))
+        for item in secret_items:  # QEMU and virtiofsd inherit our environment: not these
+            if "=" not in item:
+                os.environ.pop(item, None)
         if not ctx.meta.get("raw_command"):
             sys.exit(_run_ci(root, cfg, settings, gitlab_ci, workflow, list(command), pipeline,
                              only, parallel, var_items, env_file, event))
@@ -121,12 +141,13 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
     sys.exit(outcome.exit_code)
 
 
-def run_settings(cfg: config_mod.Config, env: dict[str, str], timeout_flag: bool) -> RunSettings:
+def run_settings(cfg: config_mod.Config, env: dict[str, str], timeout_flag: bool,
+                 secrets: dict[str, str] | None = None) -> RunSettings:
     """What the config file and the flags say about every job of this run."""
     vm = cfg.vm
     return RunSettings(timeout=vm.timeout, timeout_flag=timeout_flag, grace=vm.grace,
                        boot_timeout=vm.boot_timeout, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
-                       env=env, term=user_term())
+                       env=env, term=user_term(), secrets=secrets or {})
 
 
 def _run_command(root: Path, cfg: config_mod.Config, settings: RunSettings,
@@ -135,10 +156,10 @@ def _run_command(root: Path, cfg: config_mod.Config, settings: RunSettings,
     from kata_ci.executors.provider import open_provider
     from kata_ci.runner.core.lifecycle import run_job, terminate_as_interrupt
 
-    provider = open_provider(cfg.vm.accel, _notify)
+    provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size)
     spec = settings.spec("command", Commands([Command(command)]),
-                         job_env(settings.env, term=settings.term), root)
-    with terminate_as_interrupt():
+                         job_env(settings.env, settings.secrets, term=settings.term), root)
+    with checkout_lock(root), terminate_as_interrupt():
         try:
             return run_job(spec, provider, TerminalSink(notes=False), Cancel())
         except KeyboardInterrupt:  # after the job ended, before we returned: it is over
@@ -154,17 +175,22 @@ def _run_ci(root: Path, cfg: config_mod.Config, settings: RunSettings, gitlab_ci
     from kata_ci.runner.core.env import parse_vars
     from kata_ci.runner.core.lifecycle import terminate_as_interrupt
 
-    user = parse_vars(var_items, env_file)
-    found = discover(root, gitlab_ci, workflow, user, event)
-    if not names and not pipeline:
-        list_jobs(found, Console())
-        return 0
-    target = choose(found, names, pipeline)
-    cancel = Cancel()
-    plan = plan_for(found, target, names, only, root, user, settings, cancel)
-    provider = open_provider(cfg.vm.accel, _notify)
-    with terminate_as_interrupt():
-        return run_selected(plan, provider, parallel, cancel, err)
+    # Jobs will run: the checkout is ours before git and the CI files are read (spec.py).
+    busy = checkout_lock(root) if names or pipeline else contextlib.nullcontext()
+    with busy:
+        user = parse_vars(var_items, env_file, root)
+        found = discover(root, gitlab_ci, workflow, user, event)
+        if found.repo.notice:
+            _notify(found.repo.notice)
+        if not names and not pipeline:
+            list_jobs(found, Console())
+            return 0
+        target = choose(found, names, pipeline)
+        cancel = Cancel()
+        plan = plan_for(found, target, names, only, root, user, settings, cancel)
+        provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size)
+        with terminate_as_interrupt():
+            return run_selected(plan, provider, parallel, cancel, err)
 
 
 @main.group()

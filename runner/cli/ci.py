@@ -16,9 +16,11 @@ from rich.table import Table
 
 from kata_ci.errors import UserError
 from kata_ci.executors.provider import VMProvider
+from kata_ci.runner.core import beneath
 from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.outcome import EXIT_CANCELLED, JobStatus
 from kata_ci.runner.core.plan import Plan, run_plan
+from kata_ci.runner.core.repo import RepoSnapshot, read_repo
 from kata_ci.runner.core.schedule import JobResult
 from kata_ci.runner.core.sinks import PrefixedOutput, Stream, TerminalSink
 from kata_ci.runner.core.spec import RunSettings
@@ -29,6 +31,7 @@ from kata_ci.runner.gitlab import jobs as gl
 from kata_ci.runner.gitlab.ci_file import Pipeline, load
 
 GITLAB_FILE = ".gitlab-ci.yml"
+WORKFLOWS = ".github/workflows"
 COLOURS = {"cyan": 36, "magenta": 35, "green": 32, "yellow": 33, "blue": 34, "red": 31}
 STYLES = {JobStatus.SUCCESS: "green", JobStatus.WARNING: "yellow", JobStatus.FAILED: "red",
           JobStatus.TIMEOUT: "red", JobStatus.SKIPPED: "dim", JobStatus.MANUAL: "dim",
@@ -47,30 +50,39 @@ class Found:
     workflows: list[Workflow]
     predefined: dict[str, str]
     event: str
+    repo: RepoSnapshot  # git facts read once, before any job of the run touched the checkout
 
 
 def discover(workspace: Path, gitlab_ci: Path | None, workflow: Path | None,
              user: Mapping[str, str], event: str) -> Found:
-    predefined = gl.predefined_variables(workspace, GITLAB_SOURCE.get(event, event))
+    # The run's one look at git (hardened: see runner/core/repo.py). Everything after this,
+    # predefined variables, rules:changes, the github context, uses this snapshot, so jobs
+    # that rewrite .git change nothing for the later jobs of the run.
+    repo = read_repo(workspace, changes=workflow is None)
+    predefined = gl.predefined_variables(workspace, GITLAB_SOURCE.get(event, event), repo)
     gitlab_path = gitlab_ci or (None if workflow else workspace / GITLAB_FILE)
     if gitlab_ci is not None and not gitlab_ci.is_file():
         raise UserError(f"--gitlab-ci {gitlab_ci} does not exist")
-    gitlab = load(gitlab_path, workspace, {**predefined, **user}) \
-        if gitlab_path is not None and gitlab_path.is_file() else None
+    # The default file is looked up beneath the workspace: a job may have made it a link
+    # to a host file, or a fifo (beneath refuses both, with the path in the message).
+    present = gitlab_ci is not None or (gitlab_path is not None
+                                         and beneath.exists(workspace, GITLAB_FILE))
+    gitlab = load(gitlab_path, workspace, {**predefined, **user}, repo.changed) \
+        if gitlab_path is not None and present else None
     if workflow is not None:
         if not workflow.is_file():
             raise UserError(f"--workflow {workflow} does not exist")
         paths = [workflow]
     elif gitlab_ci is None:
-        paths = sorted([*(workspace / ".github/workflows").glob("*.yml"),
-                        *(workspace / ".github/workflows").glob("*.yaml")])
+        paths = [workspace / WORKFLOWS / name for name in beneath.listdir(workspace, WORKFLOWS)
+                 if name.endswith((".yml", ".yaml"))]
     else:
         paths = []
-    workflows = [load_workflow(p) for p in paths]
+    workflows = [load_workflow(p, workspace) for p in paths]
     if gitlab is None and not workflows:
         raise UserError(f"no CI file in {workspace} (.gitlab-ci.yml or .github/workflows); "
                         "to run a command, use kata-ci run -- COMMAND")
-    return Found(gitlab, workflows, predefined, event)
+    return Found(gitlab, workflows, predefined, event, repo)
 
 
 def list_jobs(found: Found, console: Console) -> None:
@@ -140,7 +152,7 @@ def plan_for(found: Found, target: Pipeline | Workflow, names: list[str], only: 
     # --var / --env-file: like workflow-level env, winning over the file's.
     workflow = dataclasses.replace(target, env={**target.env, **user})
     github = gh.github_context(found.predefined, found.event, workflow, workspace)
-    rc = RunContext(workflow, workspace, github, {}, cancel)
+    rc = RunContext(workflow, workspace, github, {}, cancel, settings.secrets)
     return gh.GitHubPlan(workflow, gh.select(workflow, names, only), rc, settings)
 
 

@@ -11,7 +11,8 @@ from typing import Literal
 from kata_ci import paths
 from kata_ci.errors import KataCIError
 from kata_ci.executors.qemu.accel import choose
-from kata_ci.executors.qemu.argv import QEMU, VIRTIOFSD
+from kata_ci.executors.qemu.argv import QEMU
+from kata_ci.executors.qemu.confine import CGROUP_ROOT, SERVICE_USER, qemu_identity
 from kata_ci.images.build import load_current
 from kata_ci.images.kernel import SOURCE_TARBALL
 
@@ -36,13 +37,23 @@ def _qemu() -> list[Check]:
     return checks
 
 
-def _virtiofsd() -> Check:
-    if not os.access(VIRTIOFSD, os.X_OK):
-        return Check("virtiofsd", "fail",
-                     f"{VIRTIOFSD} not found: apt-get install qemu-system-x86 (Debian 12 ships it)")
-    if os.geteuid() != 0:
-        return Check("virtiofsd", "fail", "virtiofsd's namespace sandbox needs root")
-    return Check("virtiofsd", "ok", VIRTIOFSD)
+def _confinement() -> list[Check]:
+    """Who the VM processes run as and whether they get cgroups (README, Security model)."""
+    try:
+        identity = qemu_identity()
+    except KataCIError as exc:
+        return [Check("vm identity", "fail", str(exc))]
+    who = (f"QEMU runs as {SERVICE_USER} (uid {identity.uid}); the file server as the "
+           "workspace's owner" if identity else "QEMU and the file server run as you")
+    checks = [Check("vm identity", "ok", who)]
+    if os.geteuid() == 0:
+        checks.append(Check("cgroups", "ok", f"one per VM under {CGROUP_ROOT}"))
+    elif (CGROUP_ROOT / "cgroup.controllers").is_file() and os.access(CGROUP_ROOT, os.W_OK):
+        checks.append(Check("cgroups", "ok", "delegated cgroup v2 subtree"))
+    else:
+        checks.append(Check("cgroups", "warn", "not delegated to this user: VMs run without "
+                            "memory/CPU/pids limits of their own"))
+    return checks
 
 
 def _images_and_accel() -> list[Check]:
@@ -56,7 +67,8 @@ def _images_and_accel() -> list[Check]:
         hint = f" (missing for building: {', '.join(builders)})" if builders else ""
         return [Check("images", "fail", f"{exc}{hint}"),
                 Check("acceleration", "warn", "not probed: needs the guest kernel")]
-    checks = [Check("images", "ok", f"kernel {manifest.kernel.detail}; {manifest.rootfs.detail}")]
+    checks = [Check("images", "ok", f"kernel {manifest.kernel.detail}; {manifest.rootfs.detail}"),
+              Check("tools", "ok", f"kata-ci-jail, virtiofsd ({manifest.tools.detail})")]
     try:
         decision = choose("auto", manifest, cache, paths.run_dir())
     except KataCIError as exc:
@@ -82,6 +94,6 @@ def _run_dir() -> Check:
 
 
 def run_checks() -> list[Check]:
-    return [*_qemu(), _virtiofsd(), _run_dir(), *_images_and_accel()]
+    return [*_qemu(), *_confinement(), _run_dir(), *_images_and_accel()]
 
 

@@ -33,8 +33,13 @@ config_option = click.option("--config", "config_path", type=click.Path(path_typ
 
 
 def _store(config_path: Path | None) -> tuple[config_mod.Config, JobStore]:
+    """The job store, able to queue again a lost job that allows a retry: `logs -f` and
+    `cancel` end a job whose worker is gone the way a worker's reaper would."""
+    from kata_ci.runner.queue.app import sender
+
     cfg = config_mod.load(config_path)
-    return cfg, JobStore.connect(cfg.queue.broker, cfg.queue.log_limit_mib << 20)
+    return cfg, JobStore.connect(cfg.queue.broker, cfg.queue.log_limit_mib << 20,
+                                 requeue=sender(cfg.queue.broker, cfg.queue.max_job_timeout))
 
 
 def _usage_errors(func: click.decorators.FC) -> click.decorators.FC:
@@ -76,7 +81,8 @@ def worker(labels: tuple[str, ...], concurrency: int | None, config_path: Path |
 @click.option("--timeout", type=float, help="Seconds before the job is stopped.")
 @click.option("--detach", is_flag=True, help="Print the job id and return at once.")
 @click.option("--retry", is_flag=True,
-              help="Run again once if the worker dies mid-job (else: system failure).")
+              help="Run again once if its worker is lost mid-job (killed, host gone, "
+                   "stopped); else such a job ends as system failure.")
 @click.option("-e", "--env", "env_items", multiple=True, metavar="NAME[=VALUE]",
               help="Set a variable in the job (NAME alone passes this host's value).")
 @config_option
@@ -87,7 +93,7 @@ def submit(workspace: Path, label: str, timeout: float | None, detach: bool, ret
            command: tuple[str, ...]) -> None:
     """Queue COMMAND as a job and follow its log: kata-ci submit -- make test"""
     from kata_ci.runner.queue.app import TASK, make_app, queue_name
-    from kata_ci.runner.queue.workspace import pack
+    from kata_ci.runner.queue.workspace import Bounds, pack
 
     env = parse_env(env_items)
     term = user_term()  # the log is followed here: the job sees this terminal's TERM
@@ -98,8 +104,8 @@ def submit(workspace: Path, label: str, timeout: float | None, detach: bool, ret
     timeout = cfg.vm.timeout if timeout is None else timeout
     if not 0 <= timeout <= limit:
         raise UserError(f"--timeout must be between 0 and the max job timeout {limit:g}s")
-    job = store.create(command, label, timeout or limit, pack(check_workspace(workspace)),
-                       retry=retry, env=env)
+    packed = pack(check_workspace(workspace), Bounds.of(cfg.queue))
+    job = store.create(command, label, timeout or limit, packed, retry=retry, env=env)
     make_app(cfg.queue.broker, limit).send_task(TASK, args=[job.id], queue=queue_name(label))
     if detach:
         click.echo(job.id)
@@ -145,7 +151,8 @@ def logs(job_id: str, follow: bool, config_path: Path | None) -> None:
 @config_option
 @_usage_errors
 def cancel(job_id: str, config_path: Path | None) -> None:
-    """Cancel a job: SIGTERM in the guest, grace period, then the VM is killed."""
+    """Cancel a job: SIGTERM in the guest, grace period, then the VM is killed. A job whose
+    worker is gone (its lease passed) is ended here, as cancelled."""
     _, store = _store(config_path)
     click.echo(f"{job_id}: {store.request_cancel(job_id)}")
 
@@ -160,8 +167,10 @@ def _follow(store: JobStore, job_id: str, cancel_on_interrupt: bool,
             return EXIT_CANCELLED
         err.print(f"kata-ci: cancelling job {job_id}")
         store.request_cancel(job_id)
-        deadline = time.monotonic() + cancel_wait  # a dead worker never confirms
+        deadline = time.monotonic() + cancel_wait  # a dead worker never confirms...
         while store.get(job_id).state not in FINAL:
+            if store.end_stranded(job_id):  # ...but its lease runs out: ended here
+                continue
             if time.monotonic() > deadline:
                 err.print(f"kata-ci: job {job_id} has not confirmed the cancel; its worker "
                           "will end it (see kata-ci jobs)")

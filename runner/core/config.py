@@ -11,6 +11,7 @@ unknown key or a wrong type is a UserError naming the file and key.
     grace = 10         # seconds between SIGTERM and killing the VM on cancel/timeout
     boot_timeout = 60  # seconds for the guest agent to answer after the VM starts
     accel = "auto"     # auto | kvm | tcg
+    max_file_mib = 16384  # no file in the workspace grows past this; 0 = no bound
 
     [images]
     mirror = ""        # Debian mirror for the rootfs; empty: the host's apt mirror
@@ -38,6 +39,13 @@ class VMConfig:
     grace: float = 10.0
     boot_timeout: float = 60.0
     accel: AccelChoice = "auto"
+    # No file a job writes in the workspace grows past this (RLIMIT_FSIZE on the file
+    # server: the guest gets EFBIG); 0 = no bound. Bounds one file, not the total.
+    max_file_mib: int = 16384
+
+    @property
+    def max_file_size(self) -> int | None:
+        return self.max_file_mib << 20 if self.max_file_mib else None
 
     def validate(self, source: str) -> VMConfig:
         cpus = os.cpu_count() or 1
@@ -52,6 +60,8 @@ class VMConfig:
             problems.append(f"grace must be >= 0, not {self.grace}")
         if self.boot_timeout <= 0:
             problems.append(f"boot_timeout must be > 0, not {self.boot_timeout}")
+        if self.max_file_mib < 0:
+            problems.append(f"max_file_mib must be >= 0 (0 = no bound), not {self.max_file_mib}")
         if self.accel not in get_args(AccelChoice):
             problems.append(f"accel must be one of auto, kvm, tcg, not {self.accel!r}")
         if problems:
@@ -73,6 +83,21 @@ class QueueConfig:
     concurrency: int = 1
     max_job_timeout: float = 6 * 3600.0
     log_limit_mib: int = 16
+    # A queued workspace: what it may unpack to (sparse files count in full) and hold while
+    # the job runs (a loop-mounted ext4 image per job, needs root; 0 = no quota).
+    unpack_limit_mib: int = 1024
+    unpack_max_members: int = 100_000
+    workspace_quota_mib: int = 4096
+    # Seconds a running job's lease lasts: its worker renews it every lease_ttl/3; a job whose
+    # worker is gone (killed, host lost) ends within 4/3 x lease_ttl: system_failure, or
+    # queued again once if submitted with --retry (runner/queue/lease.py).
+    lease_ttl: float = 30.0
+
+    def validate(self, source: str) -> QueueConfig:
+        if not 1 <= self.lease_ttl <= 3600:
+            raise UserError(f"{source}: queue.lease_ttl must be between 1 and 3600 seconds, "
+                            f"not {self.lease_ttl:g}")
+        return self
 
 
 LABEL_SIZE_KEYS = ("vcpus", "memory_mib")
@@ -122,6 +147,7 @@ def load(path: Path | None = None) -> Config:
     config = Config(vm=built["vm"], images=built["images"], queue=built["queue"],
                     labels=_labels(path, raw.get("labels", {})), source=str(path))
     config.vm.validate(str(path))
+    config.queue.validate(str(path))
     return config
 
 

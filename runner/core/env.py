@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kata_ci.errors import UserError
+from kata_ci.runner.core import beneath
 
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -53,14 +54,18 @@ def parse_env(items: Sequence[str], flag: str = "--env") -> dict[str, str]:
     return env
 
 
-def parse_vars(items: Sequence[str], env_file: Path | None) -> dict[str, str]:
-    """CI variables: --env-file NAME=VALUE lines, then --var NAME=VALUE (later wins)."""
+def parse_vars(items: Sequence[str], env_file: Path | None,
+               workspace: Path | None = None) -> dict[str, str]:
+    """CI variables: --env-file NAME=VALUE lines, then --var NAME=VALUE (later wins). An
+    env file inside the workspace is read beneath it: a job may have made it a link to a
+    host file, whose lines would become the next job's variables."""
     out: dict[str, str] = {}
     if env_file is not None:
         try:
-            lines = env_file.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"--env-file {env_file}: {exc}") from None
+            lines = (beneath.read_user_file(env_file) if workspace is None
+                     else beneath.read_named(workspace, env_file)).splitlines()
+        except UserError as exc:
+            raise UserError(f"--env-file: {exc}") from None
         for number, line in enumerate(lines, 1):
             line = line.strip()
             if not line or line.startswith("#"):

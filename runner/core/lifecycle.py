@@ -10,6 +10,7 @@ done (a half-killed VM would leak its processes).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
@@ -22,6 +23,7 @@ from kata_ci.executors.base import VM
 from kata_ci.executors.provider import VMProvider, VMRequest
 from kata_ci.runner.core.command import Cancel, CommandRequest, run_command, with_diagnostics
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
+from kata_ci.runner.core.secrets import Masker, MaskingSink
 from kata_ci.runner.core.sinks import LogSink, note
 from kata_ci.runner.core.spec import Command, JobSpec
 
@@ -47,8 +49,9 @@ class Session:
         """The job's own deadline has passed."""
         return self.deadline is not None and time.monotonic() >= self.deadline
 
-    def run(self, command: Command) -> Outcome:
-        """Run one command to its end under the job's deadline and cancel."""
+    def run(self, command: Command, sink: LogSink | None = None) -> Outcome:
+        """Run one command to its end under the job's deadline and cancel; its output goes
+        to ``sink`` (a filter in front of the job's sink), by default the job's sink."""
         timeout, message = command.timeout, command.timeout_message
         if command.within_job_timeout and self.deadline is not None:
             remaining = self.deadline - time.monotonic()
@@ -59,7 +62,11 @@ class Session:
         env = self.spec.env if command.env is None else command.env
         request = CommandRequest(command.argv, env, command.cwd or self.workdir, timeout,
                                  self.spec.grace, message)
-        return run_command(self.vm, request, self.sink, self.cancel)
+        return run_command(self.vm, request, sink or self.sink, self.cancel)
+
+    def add_mask(self, value: str) -> bool:
+        """Mask ``value`` in the rest of the job's output; False if too short to mask."""
+        return isinstance(self.sink, MaskingSink) and self.sink.add(value)
 
     def put_files(self, files: Mapping[str, bytes], mode: int = 0o644) -> None:
         self.vm.agent.put_files(files, mode)
@@ -72,7 +79,30 @@ class Session:
 
 
 def run_job(spec: JobSpec, provider: VMProvider, sink: LogSink, cancel: Cancel) -> Outcome:
-    """Run one job to its Outcome. Never raises for anything the job or the VM did."""
+    """Run one job to its Outcome. Never raises for anything the job or the VM did.
+
+    Every write to the job's log, its notes included, passes one MaskingSink (the job's
+    secrets and what it registers at run time), flushed whatever the ending; the Outcome's
+    message and console tail are masked too, since sources show them outside the sink."""
+    masked = MaskingSink(sink, Masker(spec.secrets.values(), spec.mask))
+    try:
+        outcome = _run_job(spec, provider, masked, cancel)
+    finally:
+        _flush(masked)  # the job's own output, all of it, before our note on its ending
+    _finish(outcome, masked)
+    _flush(masked)
+    return dataclasses.replace(outcome, message=masked.masker.mask_text(outcome.message),
+                               diagnostics=masked.masker.mask_text(outcome.diagnostics))
+
+
+def _flush(sink: MaskingSink) -> None:
+    try:
+        sink.flush()
+    except Exception:  # a sink that fails now (Redis gone for good) must not hide the ending
+        log.exception("could not write the end of the job's output to its log")
+
+
+def _run_job(spec: JobSpec, provider: VMProvider, sink: LogSink, cancel: Cancel) -> Outcome:
     vm: VM | None = None
     outcome: Outcome | None = None
     try:
@@ -96,7 +126,6 @@ def run_job(spec: JobSpec, provider: VMProvider, sink: LogSink, cancel: Cancel) 
         if vm is not None:
             with _uninterruptible():
                 provider.release(vm, graceful=outcome is not None and outcome.ran_to_end)
-    _finish(outcome, sink)
     return outcome
 
 

@@ -8,13 +8,17 @@ earlier steps wrote). A script sees the VM only through a ``Session``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from kata_ci.errors import UserError
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
+from kata_ci.runner.core.secrets import GITLAB_MASK, check_secrets
 
 if TYPE_CHECKING:
     from kata_ci.runner.core.lifecycle import Session
@@ -58,8 +62,10 @@ class Commands:
 class JobSpec:
     """Everything the lifecycle needs to run one job, whoever asked for it.
 
-    Landing points for what comes next: secrets to mask (the sandbox issue) and an OCI image
-    (the OCI issue) become fields here; network policy widens ``network``.
+    Landing points for what comes next: an OCI image (the OCI issue) becomes a field here;
+    network policy widens ``network``. ``secrets`` reach the job only through ``env`` (over
+    the agent channel); the lifecycle masks their values in every sink of the job, with
+    ``mask`` (GitLab's ``[MASKED]``, GitHub's ``***``) in their place.
     """
 
     name: str
@@ -73,6 +79,11 @@ class JobSpec:
     vcpus: int = 2
     memory_mib: int = 1024
     network: Literal["none"] = "none"  # no NIC at all
+    secrets: Mapping[str, str] = field(default_factory=dict)  # name -> value, masked in logs
+    mask: str = GITLAB_MASK
+
+    def __post_init__(self) -> None:
+        check_secrets(self.secrets)  # a value too short to mask never reaches a VM
 
     @property
     def workdir(self) -> str:
@@ -90,6 +101,7 @@ class RunSettings:
     vcpus: int = 2
     memory_mib: int = 1024
     env: Mapping[str, str] = field(default_factory=dict)  # -e: over every other variable
+    secrets: Mapping[str, str] = field(default_factory=dict)  # --secret: masked in every job
     term: str | None = None  # the user's TERM, when a terminal is behind the run
 
     def job_timeout(self, own: float | None) -> float:
@@ -98,11 +110,14 @@ class RunSettings:
         return self.timeout if self.timeout_flag or not own else own
 
     def spec(self, name: str, script: JobScript, env: Mapping[str, str], workspace: Path,
-             timeout: float | None = None) -> JobSpec:
+             timeout: float | None = None, secrets: Mapping[str, str] | None = None,
+             mask: str = GITLAB_MASK) -> JobSpec:
+        """``secrets``: the job's own masked values, on top of --secret's."""
         return JobSpec(name=name, script=script, env=env, workspace=workspace,
                        timeout=self.timeout if timeout is None else timeout,
                        grace=self.grace, boot_timeout=self.boot_timeout, vcpus=self.vcpus,
-                       memory_mib=self.memory_mib)
+                       memory_mib=self.memory_mib, secrets={**self.secrets, **(secrets or {})},
+                       mask=mask)
 
 
 def check_workspace(path: Path) -> Path:
@@ -113,3 +128,25 @@ def check_workspace(path: Path) -> Path:
     if any(ch in str(resolved) for ch in "\n\0"):
         raise UserError(f"workspace path {resolved!r} has characters a guest path cannot hold")
     return resolved
+
+
+@contextlib.contextmanager
+def checkout_lock(root: Path) -> Iterator[None]:
+    """One `kata-ci run` at a time per checkout, for as long as its jobs run.
+
+    The file server does not carry a guest's file locks to the host (virtiofsd 1.13 has no
+    POSIX/flock forwarding), so two runs in one checkout would not see each other's locks
+    (a package manager's lock file, a build tool's): the second run stops with a clear
+    message instead. The lock is flock(2) on the directory itself: nothing is written into
+    the checkout, and it ends with the process, however it ends.
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{root} is busy: another `kata-ci run` is running jobs in this "
+                            "checkout; wait for it or use another checkout") from None
+        yield
+    finally:
+        os.close(fd)

@@ -15,6 +15,7 @@ from kata_ci.errors import UserError
 from kata_ci.runner.core.env import job_env
 from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
 from kata_ci.runner.core.schedule import JobResult, run_dag, with_needs
+from kata_ci.runner.core.secrets import GITHUB_MASK
 from kata_ci.runner.core.spec import JobSpec, RunSettings
 from kata_ci.runner.github.expr import render
 from kata_ci.runner.github.steps import (
@@ -127,7 +128,7 @@ class GitHubPlan(GitHubGraph):
         self.scripts[job.name] = script
         own = job.timeout_minutes * 60 if job.timeout_minutes else None
         return self.settings.spec(job.name, script, base, self.rc.workspace,
-                                  self.settings.job_timeout(own))
+                                  self.settings.job_timeout(own), mask=GITHUB_MASK)
 
     def result(self, job: GHJob, outcome: Outcome, took: float) -> JobResult:
         script = self.scripts.pop(job.name, None)

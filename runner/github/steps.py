@@ -6,7 +6,8 @@ As on GitHub's runner: each step is its own process in its shell (bash: `bash --
 (agent PutFiles/GetFiles); a step's `if` defaults to `success()`; `continue-on-error` keeps
 the job going. A step that cannot start (unknown shell, a bad expression) fails as a step,
 like any other failing step. `uses: actions/checkout` is the mounted checkout; other actions
-cannot be fetched and are skipped with a warning.
+cannot be fetched and are skipped with a warning. `::add-mask::VALUE` on a line of a step's
+output masks VALUE (`***`) in the rest of the job's output; the line itself is not shown.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from kata_ci.errors import UserError
+from kata_ci.runner.core import beneath
 from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.env import job_env
 from kata_ci.runner.core.lifecycle import Session
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
+from kata_ci.runner.core.secrets import MIN_SECRET_BYTES
+from kata_ci.runner.core.sinks import Stream
 from kata_ci.runner.core.spec import Command
 from kata_ci.runner.github.expr import evaluate, render, truthy, uses_status_function
 from kata_ci.runner.github.workflow import GHJob, Step, Workflow
@@ -35,6 +39,9 @@ STEP_FILES = {"env": "GITHUB_ENV", "path": "GITHUB_PATH", "output": "GITHUB_OUTP
 STEP_FILE_LIMIT = 1 << 20  # GitHub caps $GITHUB_STEP_SUMMARY at 1 MiB; the others likewise
 SHELLS = {"bash": "bash --noprofile --norc -eo pipefail {0}", "sh": "sh -e {0}",
           "python": "python3 {0}", "pwsh": "", "powershell": "", "cmd": ""}
+ADD_MASK = b"::add-mask::"
+ADD_MASK_LIMIT = 64 << 10  # a longer ::add-mask:: line is dropped unseen, not held on
+_PIECES = re.compile(rb"[^\n]*\n|[^\n]+")
 
 
 @dataclass
@@ -46,6 +53,7 @@ class RunContext:
     github: dict[str, Any]
     needs: dict[str, dict[str, Any]]  # finished jobs: result and outputs
     cancelled: Cancel
+    secrets: Mapping[str, str] = field(default_factory=dict)  # --secret: ${{ secrets.NAME }}
 
 
 @dataclass
@@ -79,15 +87,29 @@ def parse_env_file(text: str) -> dict[str, str]:
 
 
 def hash_files(workspace: Path) -> Callable[..., str]:
+    """hashFiles(): regular files beneath the workspace only. A link leaving it, a fifo or a
+    device is skipped, never read (GitHub likewise ignores files outside the workspace)."""
     def compute(*patterns: Any) -> str:
-        files = sorted({p for pattern in patterns for p in workspace.glob(str(pattern))
-                        if p.is_file()})
-        if not files:
-            return ""
-        digest = hashlib.sha256()
-        for path in files:
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-        return digest.hexdigest()
+        files: set[str] = set()
+        for pattern in patterns:
+            try:
+                files.update(beneath.glob(workspace, str(pattern)))
+            except beneath.Escape:
+                continue
+        digest, hashed = hashlib.sha256(), False
+        with beneath.opened_root(workspace) as root:
+            for rel in sorted(files, key=lambda rel: rel.split("/")):
+                try:
+                    fd = beneath.open_read(root, rel)
+                except UserError:
+                    continue
+                one = hashlib.sha256()
+                with open(fd, "rb") as handle:
+                    while chunk := handle.read(1 << 20):
+                        one.update(chunk)
+                digest.update(one.digest())
+                hashed = True
+        return digest.hexdigest() if hashed else ""
     return compute
 
 
@@ -121,7 +143,7 @@ def contexts(job: GHJob, state: JobState, rc: RunContext) -> dict[str, Any]:
             "job": {"status": state.status}, "runner": {"os": "Linux", "arch": "X64",
                                                         "temp": "/tmp", "name": "kata-ci"},
             "strategy": {"fail-fast": job.fail_fast}, "inputs": {}, "vars": {},
-            "secrets": {}}
+            "secrets": dict(rc.secrets)}
 
 
 def github_env(rc: RunContext, job: GHJob) -> dict[str, str]:
@@ -133,6 +155,76 @@ def github_env(rc: RunContext, job: GHJob) -> dict[str, str]:
             "GITHUB_JOB": job.key, "GITHUB_RUN_ID": g["run_id"], "GITHUB_ACTOR": g["actor"],
             "RUNNER_OS": "Linux", "RUNNER_TEMP": "/tmp",
             **{var: f"{FILES}/{name}" for name, var in STEP_FILES.items()}}
+
+
+def _mask_command(line: bytes) -> bool | None:
+    """True: an ::add-mask:: line (as GitHub: leading blanks allowed, any letter case);
+    None: it may still become one; False: it cannot."""
+    head = line.lstrip(b" \t")[:len(ADD_MASK)].lower()
+    return True if head == ADD_MASK else None if ADD_MASK.startswith(head) else False
+
+
+class AddMask:
+    """A step's output on its way to the job's (masking) sink. A line `::add-mask::VALUE`
+    registers VALUE for the rest of the job and is dropped, as on GitHub's runner, so the
+    value is never shown, not even in the command. Only the start of a line that may still
+    become such a command is held back; every other byte passes at once."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.held: dict[Stream, bytes] = {}  # a line's start that may be a command
+        self.mid_line: set[Stream] = set()  # inside a line already passed on
+        self.dropping: set[Stream] = set()  # inside an over-long command line
+
+    def write(self, stream: Stream, data: bytes) -> None:
+        shown = []
+        for piece in _PIECES.findall(data):
+            ends = piece.endswith(b"\n")
+            if stream in self.dropping or stream in self.mid_line:
+                if stream in self.mid_line:
+                    shown.append(piece)
+                if ends:
+                    self.dropping.discard(stream)
+                    self.mid_line.discard(stream)
+                continue
+            line = self.held.pop(stream, b"") + piece
+            command = _mask_command(line)
+            if command is False:
+                shown.append(line)
+                if not ends:
+                    self.mid_line.add(stream)
+            elif ends:  # a complete line cannot be a mere beginning: it is a command
+                self._register(line)
+            elif len(line) > ADD_MASK_LIMIT:
+                self.dropping.add(stream)
+                self.session.note(f"warning: an ::add-mask:: line longer than "
+                                  f"{ADD_MASK_LIMIT} bytes was dropped")
+            else:
+                self.held[stream] = line
+        if shown:
+            self.session.sink.write(stream, b"".join(shown))
+
+    def flush(self) -> None:
+        """The step's output ended: a last line without a newline is complete now."""
+        held, self.held = self.held, {}
+        self.mid_line.clear()
+        self.dropping.clear()
+        for stream, line in held.items():
+            if _mask_command(line):
+                self._register(line)
+            else:
+                self.session.sink.write(stream, line)
+
+    def _register(self, line: bytes) -> None:
+        start = len(line) - len(line.lstrip(b" \t")) + len(ADD_MASK)
+        text = line[start:].rstrip().decode(errors="replace")  # GitHub trims the line
+        # GitHub's escaping of a command's data, undone in reverse
+        value = text.replace("%0D", "\r").replace("%0A", "\n").replace("%25", "%")
+        if not value.strip():
+            self.session.note("warning: ::add-mask:: without a value")
+        elif not self.session.add_mask(value):
+            self.session.note(f"warning: an ::add-mask:: value shorter than {MIN_SECRET_BYTES} "
+                              "bytes is not masked")
 
 
 class GitHubSteps:
@@ -193,7 +285,11 @@ class GitHubSteps:
         except UserError as exc:
             self._failed(session, step, record, ctx, str(exc))
             return None
-        outcome = session.run(command)
+        commands = AddMask(session)
+        try:
+            outcome = session.run(command, commands)
+        finally:
+            commands.flush()
         if outcome.kind is OutcomeKind.SYSTEM_FAILURE:
             return outcome
         summary = self._collect(session, record)

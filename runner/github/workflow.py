@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from kata_ci.errors import UserError
+from kata_ci.runner.core import beneath
 from kata_ci.runner.core.schedule import find_cycle
 from kata_ci.runner.github.expr import ExpressionError, evaluate
 
@@ -145,13 +146,13 @@ def _step(raw: Any, index: int, where: str, job: str) -> Step:
                 timeout_minutes=timeout)
 
 
-def load_workflow(path: Path) -> Workflow:
+def load_workflow(path: Path, workspace: Path | None = None) -> Workflow:
+    """``path`` is read beneath ``workspace`` when it lies in it (links leaving it refused)."""
+    text = beneath.read_named(workspace, path) if workspace is not None \
+        else beneath.read_user_file(path)
     try:
-        text = path.read_text()
         data = yaml.safe_load(text)
         node = yaml.compose(text)
-    except OSError as exc:
-        raise WorkflowError(f"cannot read {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise WorkflowError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):

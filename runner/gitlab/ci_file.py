@@ -11,8 +11,7 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import re
-import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,9 @@ from typing import Any
 import yaml
 
 from kata_ci.errors import UserError
+from kata_ci.runner.core import beneath
 from kata_ci.runner.core.schedule import find_cycle
+from kata_ci.runner.core.secrets import secret_problem
 from kata_ci.runner.gitlab.expr import evaluate
 
 JOB_KEYS = {
@@ -70,6 +71,7 @@ class CIJob:
     timeout: float | None = None
     unsupported: list[str] = field(default_factory=list)  # image/services: said once per job
     line: int = 0
+    masked: list[str] = field(default_factory=list)  # variables written with masked: true
 
 
 @dataclass
@@ -93,13 +95,13 @@ class Pipeline:
             else [self.job(name)]
 
 
-def _load_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+def _load_yaml(path: Path, project: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """``path`` read beneath ``project`` when it lies in it: a job may have made it a link
+    to a host file (refused, the content never shown)."""
+    text = beneath.read_named(project, path)
     try:
-        text = path.read_text()
         data = yaml.load(text, Loader=_Loader)
         node = yaml.compose(text, Loader=_Loader)
-    except OSError as exc:
-        raise CIError(f"cannot read {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise CIError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -135,7 +137,7 @@ class _Resolved:
 
 def merged_jobs(path: Path, project: Path) -> _Resolved:
     """Jobs as GitLab sees them after include, extends and !reference (before default)."""
-    data, lines = _load_yaml(path)
+    data, lines = _load_yaml(path, project)
     data = _with_includes(data, path, project, lines)
     def where(name: str) -> str:
         return f"{path}:{lines.get(name, 0)}"
@@ -153,8 +155,11 @@ def merged_jobs(path: Path, project: Path) -> _Resolved:
     return _Resolved(data=data, lines=lines, jobs=resolved, path=path)
 
 
-def load(path: Path, project: Path, variables: Mapping[str, str]) -> Pipeline:
-    """Parse and resolve ``path``; ``variables`` are the predefined + user ones for rules."""
+def load(path: Path, project: Path, variables: Mapping[str, str],
+         changed: Sequence[str] | None = None) -> Pipeline:
+    """Parse and resolve ``path``; ``variables`` are the predefined + user ones for rules,
+    ``changed`` the files `rules: changes` sees (the run's RepoSnapshot.changed, read once
+    before any job; None: unknown, every file counts as changed)."""
     merged = merged_jobs(path, project)
     data, lines, resolved, where = merged.data, merged.lines, merged.jobs, merged.where
     stages = data.get("stages") or DEFAULT_STAGES
@@ -166,15 +171,22 @@ def load(path: Path, project: Path, variables: Mapping[str, str]) -> Pipeline:
         if key in data and key not in default:  # deprecated global forms of default:
             default[key] = data[key]
     global_vars = _variables(data.get("variables", {}), where("variables"))
+    global_masked = _masked(data.get("variables", {}), where("variables"))
     jobs: list[CIJob] = []
     for name, body in resolved.items():
         if name.startswith("."):
             continue  # hidden job: a template only
         body = _apply_default(body, default)
-        job_vars = {**global_vars, **_variables(body.get("variables", {}), where(name))}
+        own = body.get("variables", {})
+        job_vars = {**global_vars, **_variables(own, where(name))}
+        masked = (global_masked - set(own)) | _masked(own, where(name))
         if body.get("inherit", {}).get("variables") is False:
-            job_vars = _variables(body.get("variables", {}), where(name))
-        jobs.extend(_expand(name, body, job_vars, stages, where(name), project, variables))
+            job_vars = _variables(own, where(name))
+            masked = _masked(own, where(name))
+        for job in _expand(name, body, job_vars, stages, where(name), project, variables,
+                           changed):
+            job.masked = sorted(masked)
+            jobs.append(job)
     _check_needs(jobs, path, lines)
     return Pipeline(path=path, stages=stages, jobs=jobs)
 
@@ -194,8 +206,9 @@ def _with_includes(data: dict[str, Any], path: Path, project: Path,
             raise CIError(f"{path}:{lines.get('include', 0)}: include: {kind} {spec!r} cannot "
                           "be fetched here (kata-ci runs without network access); vendor the "
                           "file into the repository and use include: local")
-        for target in sorted(project.glob(str(spec["local"]).lstrip("/"))):
-            sub, _ = _load_yaml(target)
+        for rel in beneath.glob(project, str(spec["local"])):
+            target = project / rel
+            sub, _ = _load_yaml(target, project)
             merged = deep_merge(merged, _with_includes(sub, target, project, {}))
     result: dict[str, Any] = deep_merge(merged, data)  # the including file wins
     return result
@@ -252,6 +265,24 @@ def _variables(raw: Any, where: str) -> dict[str, str]:
     return out
 
 
+def _masked(raw: dict[Any, Any], where: str) -> set[str]:
+    """Names of the variables written as `NAME: {value: ..., masked: true}`; a literal value
+    too short to mask is refused here (an expanded one when its job is built)."""
+    names = set()
+    for key, value in raw.items():
+        if not isinstance(value, dict) or "masked" not in value:
+            continue
+        if not isinstance(value["masked"], bool):
+            raise CIError(f"{where}: variable {key}: masked must be true or false")
+        text = str(value.get("value", "") or "")
+        problem = secret_problem(text) if "$" not in text else None
+        if value["masked"] and problem:
+            raise CIError(f"{where}: variable {key} is masked but its value {problem}")
+        if value["masked"]:
+            names.add(str(key))
+    return names
+
+
 def _script(value: Any, where: str, key: str) -> list[str]:
     """Script lines; nested arrays (from !reference) are flattened as GitLab does."""
     if value is None:
@@ -267,7 +298,8 @@ def _script(value: Any, where: str, key: str) -> list[str]:
 
 
 def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: list[str],
-            where: str, project: Path, predefined: Mapping[str, str]) -> list[CIJob]:
+            where: str, project: Path, predefined: Mapping[str, str],
+            changed: Sequence[str] | None) -> list[CIJob]:
     stage = body.get("stage", "test")
     if stage not in stages:
         raise CIError(f"{where}: job {name!r}: stage {stage!r} is not in stages {stages[1:-1]}")
@@ -293,7 +325,7 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
         env = {**predefined, **job_vars, **extra, "CI_JOB_NAME": job_name, "CI_JOB_STAGE": stage}
         if parallel and "CI_NODE_INDEX" not in extra:
             env.update(CI_NODE_INDEX=str(index), CI_NODE_TOTAL=str(len(variants)))
-        when, allow = _decide(body, env, where, name, project)
+        when, allow = _decide(body, env, where, name, project, changed)
         if when == "never":
             continue
         allow_failure = body.get("allow_failure", False)
@@ -322,7 +354,7 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
 
 
 def _decide(body: dict[str, Any], env: Mapping[str, str], where: str, name: str,
-            project: Path) -> tuple[str, bool | None]:
+            project: Path, changed: Sequence[str] | None) -> tuple[str, bool | None]:
     """(when, allow_failure override) from rules, or from only/except, or from `when`."""
     when = body.get("when", "on_success")
     if when not in WHENS:
@@ -333,7 +365,7 @@ def _decide(body: dict[str, Any], env: Mapping[str, str], where: str, name: str,
                 continue
             if "exists" in rule and not _exists(rule["exists"], project):
                 continue
-            if "changes" in rule and not _changes(rule["changes"], project):
+            if "changes" in rule and not _changes(rule["changes"], changed):
                 continue
             return rule.get("when", when), rule.get("allow_failure")
         return "never", None
@@ -363,28 +395,18 @@ def _refs_match(spec: Any, ref: str, is_tag: bool, env: Mapping[str, str]) -> bo
 
 def _exists(patterns: Any, project: Path) -> bool:
     items = patterns.get("paths", []) if isinstance(patterns, dict) else patterns
-    return any(next(project.glob(str(p).lstrip("/")), None) is not None for p in items)
+    return any(beneath.glob(project, str(p)) for p in items)
 
 
-def _changes(patterns: Any, project: Path) -> bool:
-    """Locally there is no push: compare the working tree and the last commit with HEAD~1.
-    Outside git (or on the first commit) every file counts as changed, as GitLab does for a
-    new branch."""
+def _changes(patterns: Any, changed: Sequence[str] | None) -> bool:
+    """Locally there is no push: the files that differ between the working tree and HEAD~1,
+    as the run's RepoSnapshot read them (git never runs here: jobs may have rewritten .git
+    by now). Outside git (or on the first commit) every file counts as changed, as GitLab
+    does for a new branch."""
     items = patterns.get("paths", []) if isinstance(patterns, dict) else patterns
-    diff = git(project, "diff", "--name-only", "HEAD~1")
-    if diff is None:
+    if changed is None:
         return True
-    return any(fnmatch.fnmatch(f, str(p)) for f in diff.split() for p in items)
-
-
-def git(project: Path, *args: str) -> str | None:
-    """Output of a git command in the project, stripped; None when git fails (no repository,
-    no such revision)."""
-    try:
-        return subprocess.run(["git", "-C", str(project), *args], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    return any(fnmatch.fnmatch(f, str(p)) for f in changed for p in items)
 
 
 def parse_duration(value: Any, where: str) -> float | None:

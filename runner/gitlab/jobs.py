@@ -21,29 +21,28 @@ from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.env import job_env
 from kata_ci.runner.core.lifecycle import Session
 from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
+from kata_ci.runner.core.repo import RepoSnapshot, read_repo
 from kata_ci.runner.core.schedule import JobResult, run_dag, with_needs
+from kata_ci.runner.core.secrets import GITLAB_MASK
 from kata_ci.runner.core.spec import Command, JobSpec, RunSettings
-from kata_ci.runner.gitlab.ci_file import CIJob, Pipeline, git
+from kata_ci.runner.gitlab.ci_file import CIJob, Pipeline
 
 AFTER_SCRIPT_TIMEOUT = 300.0  # GitLab's fixed after_script limit
-
-
-def _git(project: Path, *args: str) -> str:
-    return git(project, *args) or ""
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:63]
 
 
-def predefined_variables(project: Path, source: str = "push") -> dict[str, str]:
-    """CI_* variables from the local checkout (doc: ci/variables/predefined_variables.md)."""
-    sha = _git(project, "rev-parse", "HEAD") or "0" * 40
-    branch = _git(project, "rev-parse", "--abbrev-ref", "HEAD") or "main"
-    tag = _git(project, "describe", "--tags", "--exact-match") if branch == "HEAD" else ""
-    default = _git(project, "symbolic-ref", "--short", "refs/remotes/origin/HEAD")
-    default = default.split("/", 1)[-1] if default else next(
-        (b for b in ("main", "master") if _git(project, "rev-parse", "--verify", b)), branch)
+def predefined_variables(project: Path, source: str = "push",
+                         repo: RepoSnapshot | None = None) -> dict[str, str]:
+    """CI_* variables from the local checkout (doc: ci/variables/predefined_variables.md),
+    from the run's one RepoSnapshot (read here when not given)."""
+    repo = repo if repo is not None else read_repo(project, changes=False)
+    sha = repo.sha or "0" * 40
+    branch = repo.branch or "main"
+    tag = repo.tag if branch == "HEAD" else ""
+    default = repo.default_branch or branch
     ref = tag or branch
     variables = {
         "CI": "true", "GITLAB_CI": "true", "CI_SERVER": "yes", "KATA_CI": "true",
@@ -52,7 +51,7 @@ def predefined_variables(project: Path, source: str = "push") -> dict[str, str]:
         "CI_COMMIT_SHA": sha, "CI_COMMIT_SHORT_SHA": sha[:8], "CI_COMMIT_REF_NAME": ref,
         "CI_COMMIT_REF_SLUG": slug(ref), "CI_DEFAULT_BRANCH": default,
         "CI_PIPELINE_SOURCE": source, "CI_PIPELINE_ID": str(int(time.time())),
-        "CI_COMMIT_TITLE": _git(project, "log", "-1", "--format=%s"),
+        "CI_COMMIT_TITLE": repo.title,
     }
     if tag:
         variables["CI_COMMIT_TAG"] = tag
@@ -160,12 +159,17 @@ class GitLabPlan(GitLabGraph):
         self.settings = settings
 
     def spec(self, job: CIJob) -> JobSpec:
-        # predefined < global < job < --var/--env-file < -e
-        variables = {**self.predefined, **expand(job.variables, self.predefined),
-                     **self.user_vars}
+        # predefined < global < job < --var/--env-file < --secret < -e; a --secret is a
+        # masked variable (file values may use it, as GitLab's project variables), like a
+        # masked one of the file (masked as its value after expansion)
+        secrets = self.settings.secrets
+        variables = {**self.predefined, **expand(job.variables, {**self.predefined, **secrets}),
+                     **self.user_vars, **secrets}
         env = job_env(variables, self.settings.env, term=self.settings.term)
+        masked = {name: env[name] for name in job.masked if name in env}
         return self.settings.spec(job.name, GitLabScript(job), env, self.project,
-                                  self.settings.job_timeout(job.timeout))
+                                  self.settings.job_timeout(job.timeout), secrets=masked,
+                                  mask=GITLAB_MASK)
 
     def result(self, job: CIJob, outcome: Outcome, took: float) -> JobResult:
         allowed = job.allow_failure or (outcome.kind is OutcomeKind.JOB_FAILURE

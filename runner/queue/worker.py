@@ -1,8 +1,10 @@
 """The runner daemon: a Celery worker (Redis broker) that runs each job in a fresh microVM.
 
-The Celery task stays thin: it receives a job id (JSON, nothing else) and hands it to
-``Daemon.execute``. Job state lives in ``JobStore`` (Redis), which makes a job run at most once
-however often Celery delivers its message. Operator logs go to the worker's log; job output
+The Celery task stays thin: it receives a job id (JSON, nothing else; ``Daemon.task`` drops
+anything else) and hands it to ``Daemon.execute``. Job state lives in ``JobStore`` (Redis),
+which makes a job run at most once however often Celery delivers its message; a running job
+holds a lease its heartbeat renews (lease.py), so a lost worker's job ends within a bounded
+time wherever it ran. Operator logs go to the worker's log; job output
 goes to the job's log stream only. The job itself runs through the same lifecycle as
 `kata-ci run`; the workspace, unpacked into a private directory, appears at /workspace.
 """
@@ -12,40 +14,47 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
+import re
 import socket
 import tempfile
-from collections.abc import Callable
+import threading
 from pathlib import Path
-from typing import Any
 
-from kata_ci.errors import KataCIError, SystemFailure
+from celery.signals import worker_shutting_down
+
+from kata_ci.errors import KataCIError, SystemFailure, UserError
 from kata_ci.executors.provider import VMProvider, open_provider
 from kata_ci.procs import pid_alive
 from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.config import Config
 from kata_ci.runner.core.env import job_env
 from kata_ci.runner.core.lifecycle import run_job
-from kata_ci.runner.core.outcome import JobStatus, Outcome
+from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
 from kata_ci.runner.core.sinks import Stream, note
 from kata_ci.runner.core.spec import Command, Commands, JobSpec
-from kata_ci.runner.queue.app import TASK, make_app, queue_name
+from kata_ci.runner.queue import quota
+from kata_ci.runner.queue.app import TASK, make_app, queue_name, sender
+from kata_ci.runner.queue.lease import Heartbeat, Reaper
 from kata_ci.runner.queue.store import Job, JobStore
-from kata_ci.runner.queue.workspace import unpack
+from kata_ci.runner.queue.transport import shown
+from kata_ci.runner.queue.workspace import Bounds, hand_over, unpack
 
 log = logging.getLogger("kata_ci.worker")
 GUEST_WORKDIR = "/workspace"
+JOB_ID = re.compile(r"[0-9a-f]{16}")  # what JobStore.create hands out
 
 
 class RedisSink:
-    """Job output into the job's Redis log stream, as it arrives."""
+    """Job output into the job's Redis log stream, as it arrives; with the claim's fencing
+    token, dropped once the job is no longer this worker's (ended while it was cut off)."""
 
-    def __init__(self, store: JobStore, job_id: str) -> None:
+    def __init__(self, store: JobStore, job_id: str, token: str = "") -> None:
         self.store = store
         self.job_id = job_id
+        self.token = token
 
     def write(self, stream: Stream, data: bytes) -> None:
-        self.store.append_log(self.job_id, stream, data)
+        self.store.append_log(self.job_id, stream, data, self.token)
 
 
 class Daemon:
@@ -56,51 +65,75 @@ class Daemon:
         self.name = name
         self.host = socket.gethostname()
         self.provider = provider
+        self.ttl = config.queue.lease_ttl
+        # Set when the worker is asked to stop (SIGTERM, systemctl stop): running jobs are
+        # cancelled (SIGTERM in the guest, grace, kill) and handed back (retry) or ended.
+        self.stopping = threading.Event()
 
-    def reap(self, requeue: Callable[[str, str], None]) -> list[str]:
+    def reap(self) -> list[str]:
         """At start: workspaces and jobs left by a worker on this host that died mid-job
-        (its VMs were reaped when the provider opened). A job that allows it is queued again
-        (once); others end as system_failure."""
+        (its VMs were reaped when the provider opened). Its jobs still running end at once
+        rather than when their lease runs out: queued again once if they allow it, else
+        system_failure. Jobs a lease expiry already ended get their workspace removed."""
         ended = []
         for job_id, owner in self.store.running_on_host(self.host).items():
             if pid_alive(owner.get("pid")):
                 continue
             for leftover in Path(tempfile.gettempdir()).glob(f"kata-ci-{job_id}-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-            token = self.store.lease(job_id)
-            if self.store.requeue_once(job_id, token, "retried: its first worker died"):
-                self.store.append_log(job_id, "kata-ci", b"\n[kata-ci: the worker running this "
-                                      b"job died; retrying once]\n")
-                requeue(job_id, self.store.get(job_id).label)
-                log.warning("job %s: its worker died; queued again (retry allowed)", job_id)
-                continue
-            if self.store.finish(job_id, token, JobStatus.SYSTEM_FAILURE.value, None,
-                                 "the worker running this job died"):
-                self.store.append_log(job_id, "kata-ci", b"\n[kata-ci: the worker running this "
-                                      b"job died; its VM was removed]\n")
+                quota.discard(leftover)  # unmounted first if its quota was still mounted
+            token = str(owner.get("token", ""))  # '' (an older entry): only once expired
+            state = self.store.end_stranded(job_id, "the worker running this job died", token)
+            self.store.forget(job_id, self.host)
+            if state:
                 ended.append(job_id)
-                log.warning("job %s: its worker died; marked system_failure", job_id)
+                log.warning("job %s: its worker died; %s", job_id, state)
         return ended
 
-    def execute(self, job_id: Any) -> None:
-        if not isinstance(job_id, str) or not job_id.isalnum():
-            log.error("rejected malformed job message: %r", job_id)
+    def task(self, *args: object, **kwargs: object) -> None:
+        """The Celery task. A message is anyone's who can write to Redis: its arguments are
+        checked before use, and a bad one is logged and dropped."""
+        if kwargs or len(args) != 1 or not isinstance(args[0], str) \
+                or not JOB_ID.fullmatch(args[0]):
+            log.error("rejected malformed job message: args=%s kwargs=%s", shown(args),
+                      shown(kwargs))
             return
+        self.execute(args[0])
+
+    def execute(self, job_id: str) -> None:
         try:
             job = self.store.get(job_id)
         except KataCIError:
             log.error("rejected message for unknown job %s", job_id)
             return
-        token = self.store.claim(job_id, self.name, self.host, os.getpid())
+        except (KeyError, ValueError, TypeError) as exc:  # a record not written by `submit`
+            log.error("rejected message for job %s: unreadable record (%r)", job_id, exc)
+            return
+        if self.stopping.is_set() and job.state == "queued" and self.store.requeue is not None:
+            # Handed to the pool as the stop came: not started here, its message sent anew
+            # for the next worker (this one no longer consumes). The job stays queued.
+            self.store.requeue(job_id, job.label)
+            log.info("job %s: worker stopping; message sent back to the queue", job_id)
+            return
+        token = self.store.claim(job_id, self.name, self.host, os.getpid(), self.ttl)
         if token is None:
             log.info("job %s is %s: duplicate delivery ignored", job_id, job.state)
             return
         log.info("job %s: running %s (attempt %s)", job_id, job.argv, token.rsplit(":", 1)[1])
-        try:
-            outcome = self._run(job)
-        except Exception as exc:
-            log.exception("job %s: unexpected error", job_id)
-            outcome = Outcome.system_failure(SystemFailure(f"worker error: {exc!r}"))
+        with Heartbeat(self.store, job_id, token, self.ttl) as beat:
+            try:
+                outcome = self._run(job, token, beat)
+            except Exception as exc:
+                log.exception("job %s: unexpected error", job_id)
+                outcome = Outcome.system_failure(SystemFailure(f"worker error: {exc!r}"))
+        if beat.lost.is_set():
+            self.store.forget(job_id, self.host)
+            log.warning("job %s: its lease was lost; whoever ended it recorded the ending", job_id)
+            return
+        if self.stopping.is_set() and outcome.kind is OutcomeKind.CANCELLED:
+            state = self.store.end_stranded(job_id, "the worker running it was stopped", token)
+            self.store.forget(job_id, self.host)
+            log.warning("job %s: stopped with its worker: %s", job_id, state)
+            return
         status = JobStatus.of(outcome)
         code = outcome.exit_code if outcome.ran_to_end else None
         if not self.store.finish(job_id, token, status.value, code, outcome.message):
@@ -119,8 +152,8 @@ class Daemon:
                        boot_timeout=vm.boot_timeout, vcpus=size.get("vcpus", vm.vcpus),
                        memory_mib=size.get("memory_mib", vm.memory_mib))
 
-    def _run(self, job: Job) -> Outcome:
-        sink = RedisSink(self.store, job.id)
+    def _run(self, job: Job, token: str, beat: Heartbeat) -> Outcome:
+        sink = RedisSink(self.store, job.id, token)
         packed = self.store.workspace(job.id)
         if packed is None:
             outcome = Outcome.system_failure(SystemFailure("the job's workspace is gone "
@@ -129,26 +162,37 @@ class Daemon:
             return outcome
         workdir = Path(tempfile.mkdtemp(prefix=f"kata-ci-{job.id}-"))
         try:
-            unpack(packed, workdir)
-            cancel = Cancel(poll=lambda: self.store.cancel_requested(job.id))
-            return run_job(self.spec(job, workdir), self.provider, sink, cancel)
+            with quota.limited(workdir, self.config.queue.workspace_quota_mib):
+                try:
+                    unpack(packed, workdir, Bounds.of(self.config.queue))
+                    hand_over(workdir)
+                except UserError as exc:  # a hostile or oversized archive: the submitter's
+                    note(sink, f"job failed: {exc}")
+                    return Outcome.job_failure(str(exc))
+                cancel = Cancel(poll=lambda: beat.lost.is_set() or self.stopping.is_set()
+                                or self.store.cancel_requested(job.id))
+                return run_job(self.spec(job, workdir), self.provider, sink, cancel)
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            quota.discard(workdir)
 
 
 def start_worker(config: Config, labels: list[str], concurrency: int) -> None:
     """Run the Celery worker in this process until it is stopped (blocks)."""
-    store = JobStore.connect(config.queue.broker, config.queue.log_limit_mib << 20)
+    quota.check(config.queue.workspace_quota_mib)  # refuse to start without enforcing it
+    store = JobStore.connect(config.queue.broker, config.queue.log_limit_mib << 20,
+                             requeue=sender(config.queue.broker, config.queue.max_job_timeout))
     name = f"kata-ci-{socket.gethostname()}-{os.getpid()}"
     # Images and acceleration once per worker, not per job: a worker without images refuses
     # to start instead of failing every job it takes.
-    provider = open_provider(config.vm.accel, lambda m: log.warning("%s", m))
+    provider = open_provider(config.vm.accel, lambda m: log.warning("%s", m),
+                             config.vm.max_file_size)
     daemon = Daemon(config, store, name, provider)
     app = make_app(config.queue.broker, config.queue.max_job_timeout)
-    for job_id in daemon.reap(lambda job, label: app.send_task(TASK, args=[job],
-                                                                queue=queue_name(label))):
+    for job_id in daemon.reap():
         log.warning("reaped job %s", job_id)
-    app.task(name=TASK, acks_late=True)(daemon.execute)
+    Reaper(store, config.queue.lease_ttl).start()  # other workers' lost jobs, all along
+    app.task(name=TASK, acks_late=True)(daemon.task)
+    worker_shutting_down.connect(lambda **_: daemon.stopping.set(), weak=False)
     with contextlib.suppress(KeyboardInterrupt):
         app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}",
                          "-Q", ",".join(queue_name(lbl) for lbl in labels),

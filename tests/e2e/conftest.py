@@ -43,7 +43,7 @@ def run_root() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def backend(manifest: Manifest, run_root: Path) -> QemuBackend:
     decision = choose("auto", manifest, paths.cache_dir(), run_root)
-    return QemuBackend(decision.accel, run_root)
+    return QemuBackend(decision.accel, run_root, Path(manifest.tools.path))
 
 
 VMFactory = Callable[..., QemuVM]

@@ -185,6 +185,26 @@ def test_a_killed_worker_leaves_no_vm_and_its_job_ends_as_system_failure(
     assert worker.leftovers() == []  # no VM directory, no QEMU or virtiofsd still running
 
 
+def test_stopping_the_worker_cancels_its_job_with_grace(
+        workers: Callable[..., Worker], config: Path, store: JobStore, tmp_path: Path) -> None:
+    """SIGTERM to the worker (systemctl stop): its running job gets SIGTERM and the grace
+    period, ends as system_failure (no --retry), and the worker exits well within the
+    unit's TimeoutStopSec."""
+    worker = workers()
+    script = "trap 'echo got-term; exit 143' TERM; echo ready; sleep 600 & wait"
+    job_id = submit_detached(config, tmp_path, "--", "sh", "-c", script)
+    wait_until(lambda: any(d == b"ready\n" for _, d in store.read_log(job_id)), 300, "ready")
+    assert worker.proc is not None
+    started = time.monotonic()
+    worker.proc.terminate()
+    assert worker.proc.wait(60) == 0
+    assert time.monotonic() - started < 30
+    job = store.get(job_id)
+    assert (job.state, job.message) == ("system_failure", "the worker running it was stopped")
+    assert b"got-term\n" in b"".join(d for _, d in store.read_log(job_id))
+    assert worker.leftovers() == []
+
+
 def test_redis_restart_mid_job(workers: Callable[..., Worker], config: Path,
                                redis_server: RedisServer, store: JobStore, tmp_path: Path) -> None:
     """Redis restarts while a job runs: the job completes with its whole log, and the worker
@@ -248,7 +268,7 @@ def test_a_job_allowing_retry_runs_again_after_its_worker_died(
     worker.start()
     assert wait_state(store, job_id) == "success"
     assert store.get(job_id).attempt == 2
-    assert b"retrying once" in b"".join(d for _, d in store.read_log(job_id))
+    assert b"its one retry" in b"".join(d for _, d in store.read_log(job_id))
     assert not list(Path(tempfile.gettempdir()).glob(f"kata-ci-{job_id}-*"))
     assert worker.leftovers() == []
 

@@ -1,8 +1,9 @@
-"""Job state in a real Redis: at-most-once claims, fencing, bounded logs, cancel."""
+"""Job state in a real Redis: at-most-once claims, fencing, leases, bounded logs, cancel."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import redis
@@ -140,16 +141,146 @@ def test_writes_ride_out_a_redis_restart(redis_server: RedisServer) -> None:
     assert list(store.read_log(job.id)) == [("stdout", b"written during the outage\n")]
 
 
-def test_requeue_once_only_when_allowed(store: JobStore) -> None:
-    """A dead worker's job goes back to the queue once if it allows a retry, never twice,
-    and never when it does not allow it."""
+def test_end_with_token_requeues_once_only_when_allowed(store: JobStore) -> None:
+    """A dead worker's job (its token known) goes back to the queue once if it allows a
+    retry, never twice, and never when it does not allow it (system_failure then)."""
+    sent: list[tuple[str, str]] = []
+    store.requeue = lambda job_id, label: sent.append((job_id, label))
     plain = store.create(["true"], "default", 60, b"")
     token = store.claim(plain.id, "w1", "h", 1)
-    assert token and not store.requeue_once(plain.id, token, "why")
-    retry = store.create(["true"], "default", 60, b"", retry=True)
+    assert token and store.end_stranded(plain.id, "died", token) == "system_failure"
+    retry = store.create(["true"], "big", 60, b"", retry=True)
     first = store.claim(retry.id, "w1", "h", 1)
-    assert first and store.requeue_once(retry.id, first, "why")
-    assert store.get(retry.id).state == "queued"
+    assert first and store.end_stranded(retry.id, "died", first) == "queued"
+    assert store.get(retry.id).state == "queued" and sent == [(retry.id, "big")]
     second = store.claim(retry.id, "w2", "h", 1)
     assert second and store.get(retry.id).attempt == 2
-    assert not store.requeue_once(retry.id, second, "why")
+    assert store.end_stranded(retry.id, "died", second) == "system_failure"
+    assert len(sent) == 1
+
+
+def test_the_lease_holder_alone_renews_it(store: JobStore) -> None:
+    """Renewal moves lease_until forward for the token that holds the lease, and for no
+    other token."""
+    job = store.create(["true"], "default", 60, b"")
+    token = store.claim(job.id, "w1", "h", 1, ttl=5)
+    assert token
+    before = store.get(job.id).lease_until
+    assert before is not None
+    time.sleep(0.05)
+    assert store.renew(job.id, token, 5)
+    after = store.get(job.id).lease_until
+    assert after is not None and after > before
+    assert not store.renew(job.id, "w0:1", 5)
+    assert store.get(job.id).lease_until == after
+
+
+def test_renewed_lease_keeps_the_job(store: JobStore) -> None:
+    """A job whose worker renews every ttl/3 is never reaped, however long it runs."""
+    job = store.create(["true"], "default", 60, b"")
+    token = store.claim(job.id, "w1", "h", 1, ttl=0.6)
+    assert token
+    for _ in range(10):
+        time.sleep(0.2)
+        assert store.renew(job.id, token, 0.6)
+        assert store.reap_expired() == []
+    assert store.get(job.id).state == "running"
+
+
+def test_expired_lease_ends_the_job_and_fences_its_worker(store: JobStore) -> None:
+    """A lease not renewed within its TTL: the job ends as system_failure with a note in its
+    log, and the worker that held it can no longer renew, write output or finish."""
+    job = store.create(["true"], "default", 60, b"ws")
+    token = store.claim(job.id, "w1", "h", 1, ttl=0.5)
+    assert token and store.append_log(job.id, "stdout", b"working\n", token)
+    assert store.reap_expired() == []
+    time.sleep(0.7)
+    assert store.reap_expired() == [(job.id, "system_failure")]
+    assert store.reap_expired() == []  # once
+    ended = store.get(job.id)
+    assert ended.state == "system_failure" and "stopped renewing its lease" in ended.message
+    assert store.workspace(job.id) is None
+    assert not store.renew(job.id, token, 5)
+    assert not store.append_log(job.id, "stdout", b"late output\n", token)
+    assert not store.finish(job.id, token, "success", 0, "")
+    assert store.get(job.id).state == "system_failure"
+    log = b"".join(d for _, d in store.read_log(job.id))
+    assert log.startswith(b"working\n") and b"stopped renewing its lease" in log
+    assert b"late output" not in log
+
+
+def test_expired_job_allowing_retry_runs_once_more(store: JobStore) -> None:
+    """With --retry, the first expiry queues the job again (its message re-sent, the old
+    token fenced out); the second ends it."""
+    sent: list[tuple[str, str]] = []
+    store.requeue = lambda job_id, label: sent.append((job_id, label))
+    job = store.create(["true"], "default", 60, b"ws", retry=True)
+    first = store.claim(job.id, "w1", "h", 1, ttl=0.3)
+    assert first
+    time.sleep(0.5)
+    assert store.reap_expired() == [(job.id, "queued")] and sent == [(job.id, "default")]
+    assert store.workspace(job.id) == b"ws"  # the retry needs it
+    assert store.get(job.id).lease_until is None
+    second = store.claim(job.id, "w2", "h", 1, ttl=0.3)
+    assert second and second != first
+    assert not store.finish(job.id, first, "success", 0, "")
+    assert not store.append_log(job.id, "stdout", b"stale", first)
+    time.sleep(0.5)
+    assert store.reap_expired() == [(job.id, "system_failure")] and len(sent) == 1
+
+
+def test_a_store_that_cannot_requeue_leaves_retry_jobs_alone(store: JobStore) -> None:
+    """Without a way to send the message again, an expired job allowing a retry is left
+    running for a store that can (never queued without a message)."""
+    job = store.create(["true"], "default", 60, b"", retry=True)
+    assert store.claim(job.id, "w1", "h", 1, ttl=0.2)
+    time.sleep(0.4)
+    assert store.reap_expired() == [] and store.get(job.id).state == "running"
+
+
+def test_a_queued_job_has_no_lease_to_expire(store: JobStore) -> None:
+    """A job no worker has picked up stays queued past any TTL, and can still be claimed."""
+    job = store.create(["true"], "default", 60, b"")
+    assert store.get(job.id).lease_until is None
+    assert store.claim("0000000000000000", "w", "h", 1, ttl=0.2) is None  # no such job
+    time.sleep(0.4)
+    assert store.reap_expired() == [] and store.end_stranded(job.id) == ""
+    assert store.get(job.id).state == "queued"
+    assert store.claim(job.id, "w1", "h", 1)
+
+
+def test_follow_ends_when_the_lease_expires(store: JobStore) -> None:
+    """`logs -f` of a job whose worker vanished ends it itself (no worker alive to reap)
+    and returns with the note."""
+    job = store.create(["true"], "default", 60, b"")
+    token = store.claim(job.id, "w1", "h", 1, ttl=0.5)
+    assert token and store.append_log(job.id, "stdout", b"before\n", token)
+    started = time.monotonic()
+    chunks = [d for _, d in store.read_log(job.id, follow=True, block_ms=100)]
+    assert time.monotonic() - started < 3
+    assert chunks[0] == b"before\n" and b"stopped renewing its lease" in chunks[-1]
+    assert store.get(job.id).state == "system_failure"
+
+
+def test_cancel_of_a_stranded_job_returns_its_end(store: JobStore) -> None:
+    """`cancel` of a running job whose lease passed ends it as cancelled at once (no
+    retry); with a live lease it only flags the job for its worker."""
+    live = store.create(["true"], "default", 60, b"")
+    assert store.claim(live.id, "w1", "h", 1, ttl=30)
+    assert store.request_cancel(live.id) == "cancelling"
+    stranded = store.create(["true"], "default", 60, b"", retry=True)
+    store.requeue = lambda job_id, label: None
+    assert store.claim(stranded.id, "w1", "h", 1, ttl=0.2)
+    time.sleep(0.4)
+    assert store.request_cancel(stranded.id) == "cancelled"
+    assert store.get(stranded.id).state == "cancelled"
+    assert store.get(live.id).state == "running"
+
+
+def test_leases_are_judged_by_redis_time(store: JobStore) -> None:
+    """lease_until is stamped from the Redis server's clock, not the worker's."""
+    job = store.create(["true"], "default", 60, b"")
+    assert store.claim(job.id, "w1", "h", 1, ttl=10)
+    sec, usec = store.r.time()
+    until = store.get(job.id).lease_until
+    assert until is not None and abs(until - (sec + usec / 1e6 + 10)) < 1

@@ -83,10 +83,29 @@ def test_kernel_cmdline_reboot_ends_vm() -> None:
 
 
 def test_virtiofsd_shares_only_the_workspace_in_a_sandbox() -> None:
-    """virtiofsd exports exactly the workspace, pivot_root-sandboxed so symlinks cannot escape."""
-    argv = virtiofsd_argv(spec(workspace=Path("/w/s")), PATHS)
-    assert "source=/w/s" in argv and "sandbox=namespace" in argv
-    assert "--socket-path=/run/kata-ci/abc123/fs.sock" in argv
+    """virtiofsd exports exactly the workspace, pivot_root-sandboxed so symlinks cannot escape,
+    on the socket kata-ci passes, with guest ids squashed to the owner and file caps refused."""
+    argv = virtiofsd_argv(spec(workspace=Path("/w/s")), "/t/virtiofsd", 7, 1000, 100, False)
+    assert argv[0] == "/t/virtiofsd"
+    assert "--shared-dir=/w/s" in argv and "--sandbox=namespace" in argv and "--fd=7" in argv
+    assert "--translate-uid=squash-guest:0:1000:4294967295" in argv
+    assert "--translate-gid=squash-guest:0:100:4294967295" in argv
+    assert any(a.startswith("--xattrmap=:bad:all:security.capability:") for a in argv)
+    assert not any(a.startswith("--modcaps") for a in argv)
+
+
+def test_root_file_server_gives_up_mknod_setfcap_fsetid() -> None:
+    """A file server that must run as root (root-owned workspace) drops the capabilities to
+    make device nodes, set file capabilities and keep setid bits."""
+    argv = virtiofsd_argv(spec(workspace=Path("/w")), "/t/virtiofsd", 3, 0, 0, True)
+    assert "--modcaps=-mknod:-setfcap:-fsetid" in argv
+
+
+def test_qemu_runs_its_seccomp_sandbox() -> None:
+    """Every QEMU starts with its seccomp sandbox: no spawn, no privilege change."""
+    argv = qemu_argv(spec(), PATHS, "tcg")
+    assert option_after(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
 
 
 def test_tcg_guest_gets_the_host_tsc_rate_kvm_does_not() -> None:

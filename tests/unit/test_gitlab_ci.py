@@ -147,6 +147,18 @@ def test_rules_exists(tmp_path: Path) -> None:
     assert names(p) == ["a"]
 
 
+def test_rules_changes_match_the_snapshot_files(tmp_path: Path) -> None:
+    """rules:changes matches globs against the changed files it is given, names with spaces
+    included; None (outside git, first commit) makes every file count as changed."""
+    text = ("a: {script: [x], rules: [{changes: ['src/*.py']}]}\n"
+            "b: {script: [x], rules: [{changes: {paths: ['docs/*']}}]}\n"
+            "c: {script: [x], rules: [{changes: ['my file.txt']}]}\n")
+    path = write(tmp_path, text)
+    assert names(load(path, tmp_path, MAIN, ["src/app.py", "my file.txt"])) == ["a", "c"]
+    assert names(load(path, tmp_path, MAIN, [])) == []
+    assert names(load(path, tmp_path, MAIN, None)) == ["a", "b", "c"]
+
+
 def test_only_except_refs(tmp_path: Path) -> None:
     """only/except with branch names, regexes and the `branches`/`tags` keywords."""
     p = pipeline(tmp_path, "a: {script: [x], only: [main]}\n"

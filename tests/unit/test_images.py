@@ -101,6 +101,6 @@ def test_corrupt_manifest_or_missing_artifact(tmp_path: Path) -> None:
         Manifest.load(tmp_path)
     art = Artifact(path=str(tmp_path / "gone"), key="k", sha256="s")
     (tmp_path / "manifest.json").write_text(
-        json.dumps({n: art.__dict__ for n in ("kernel", "rootfs", "initramfs")}))
+        json.dumps({n: art.__dict__ for n in ("kernel", "rootfs", "initramfs", "tools")}))
     with pytest.raises(ImagesMissing, match="is missing"):
         Manifest.load(tmp_path)
