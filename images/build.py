@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
+import shutil
 from pathlib import Path
 
 from kata_ci.errors import ImagesMissing
@@ -9,7 +13,12 @@ from kata_ci.images.artifacts import Manifest, Progress
 from kata_ci.images.initramfs import build_initramfs, initramfs_key
 from kata_ci.images.kernel import build_kernel
 from kata_ci.images.rootfs import build_rootfs, guest_python_version
-from kata_ci.images.tools import build_tools, tools_key
+from kata_ci.images.tools import SYSTEM_TOOLS, build_tools, tools_key
+
+# Root's images, published for every user of the host: `kata-ci run` by an ordinary user
+# (rootless) needs the same kernel, initramfs and rootfs, and cannot read /root/.cache nor
+# build a rootfs (debootstrap needs root). Read-only to others, like the tools beside it.
+SYSTEM_IMAGES = SYSTEM_TOOLS.parent / "images"
 
 
 def build_all(cache: Path, progress: Progress, mirror: str | None = None) -> Manifest:
@@ -19,7 +28,52 @@ def build_all(cache: Path, progress: Progress, mirror: str | None = None) -> Man
     tools = build_tools(cache, progress, mirror)
     manifest = Manifest(kernel=kernel, rootfs=rootfs, initramfs=initramfs, tools=tools)
     manifest.save(cache)
+    if os.geteuid() == 0:
+        publish(manifest, progress)
     return manifest
+
+
+def publish(manifest: Manifest, progress: Progress) -> None:
+    """Root's artifacts under SYSTEM_IMAGES (hard links where the file system allows, else
+    copies), with a manifest naming them. Old keys are left: a running VM may use them."""
+    published = {}
+    for kind in ("kernel", "initramfs", "rootfs"):
+        artifact = getattr(manifest, kind)
+        source = Path(artifact.path)
+        target_dir = SYSTEM_IMAGES / kind / artifact.key
+        if not (target_dir / "DONE").is_file():
+            target_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(target_dir, 0o755)
+            # The artifact and what describes it (python-version, sha256, ...); DONE last.
+            files = sorted(f for f in source.parent.iterdir() if f.is_file())
+            for item in sorted(files, key=lambda f: f.name == "DONE"):
+                _link_or_copy(item, target_dir / item.name)
+            progress(f"{kind} {artifact.key}: published to {SYSTEM_IMAGES}")
+        published[kind] = dataclasses.replace(artifact, path=str(target_dir / source.name))
+    for directory in (SYSTEM_IMAGES, *(SYSTEM_IMAGES / k for k in published)):
+        with contextlib.suppress(OSError):
+            os.chmod(directory, 0o755)
+    dataclasses.replace(manifest, **published).save(SYSTEM_IMAGES)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(source, partial)
+    except OSError:
+        shutil.copyfile(source, partial)
+    os.chmod(partial, 0o644 | (source.stat().st_mode & 0o111))
+    os.replace(partial, target)
+
+
+def manifest_dir(cache: Path) -> Path:
+    """Where this user's manifest is: their own cache, or, for an ordinary user who built
+    no images, the ones root published."""
+    if os.geteuid() != 0 and not (cache / "manifest.json").exists() \
+            and (SYSTEM_IMAGES / "manifest.json").exists():
+        return SYSTEM_IMAGES
+    return cache
 
 
 def load_current(cache: Path) -> Manifest:
@@ -28,7 +82,7 @@ def load_current(cache: Path) -> Manifest:
     Only the initramfs is checked here (it carries the agent, the part that changes with
     kata-ci itself); library versions are checked by the Health handshake at boot.
     """
-    manifest = Manifest.load(cache)
+    manifest = Manifest.load(manifest_dir(cache))
     expected = initramfs_key(guest_python_version(manifest.rootfs))
     if manifest.initramfs.key != expected:
         raise ImagesMissing(

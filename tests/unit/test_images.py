@@ -104,3 +104,23 @@ def test_corrupt_manifest_or_missing_artifact(tmp_path: Path) -> None:
         json.dumps({n: art.__dict__ for n in ("kernel", "rootfs", "initramfs", "tools")}))
     with pytest.raises(ImagesMissing, match="is missing"):
         Manifest.load(tmp_path)
+
+
+def test_ordinary_user_without_images_uses_those_root_published(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ordinary user with an empty cache reads root's published manifest; root, or a user
+    with a manifest of their own, reads their own cache."""
+    from kata_ci.images import build
+
+    system, cache = tmp_path / "system", tmp_path / "cache"
+    system.mkdir()
+    cache.mkdir()
+    (system / "manifest.json").write_text("{}")
+    monkeypatch.setattr(build, "SYSTEM_IMAGES", system)
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert build.manifest_dir(cache) == system
+    (cache / "manifest.json").write_text("{}")
+    assert build.manifest_dir(cache) == cache
+    (cache / "manifest.json").unlink()
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    assert build.manifest_dir(cache) == cache
