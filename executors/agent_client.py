@@ -28,6 +28,7 @@ from kata_ci.guest import agent_pb2 as pb
 from kata_ci.guest import agent_pb2_grpc as pb_grpc
 
 StreamName = Literal["stdout", "stderr"]
+ENTROPY_BYTES = 64  # 512 bits: a full reseed of the guest CRNG
 _STREAMS: dict[int, StreamName] = {pb.STDOUT: "stdout", pb.STDERR: "stderr"}
 
 
@@ -118,10 +119,13 @@ class AgentClient:
         self._stub = pb_grpc.AgentStub(self._grpc)  # type: ignore[no-untyped-call]
 
     def health(self, timeout: float) -> pb.HealthResponse:
+        """Versions checked, guest clock set, guest RNG reseeded with fresh host entropy
+        (a VM restored from a snapshot starts with its template's RNG state)."""
         try:
             reply: pb.HealthResponse = self._stub.Health(
-                pb.HealthRequest(host_time_unix_nanos=time.time_ns()), timeout=timeout,
-                wait_for_ready=True,
+                pb.HealthRequest(host_time_unix_nanos=time.time_ns(),
+                                 entropy=os.urandom(ENTROPY_BYTES)),
+                timeout=timeout, wait_for_ready=True,
             )
         except grpc.RpcError as exc:
             raise SystemFailure(f"guest agent did not answer: {_describe(exc)}") from None
@@ -140,6 +144,14 @@ class AgentClient:
                 + "): run `kata-ci images build`"
             )
         return reply
+
+    def mount(self, path: str, timeout: float) -> None:
+        """Mount the workspace at ``path`` in the guest (agent.proto Mount)."""
+        try:
+            self._stub.Mount(pb.MountRequest(path=path), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise SystemFailure(f"guest could not mount the workspace at {path}: "
+                                f"{_describe(exc)}") from None
 
     def exec(
         self, argv: Sequence[str], env: Mapping[str, str], cwd: str = "",

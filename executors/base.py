@@ -57,6 +57,7 @@ class BootTimes:
     agent_healthy: float  # host: VM process started -> Health answered
     guest_uptime_at_health: float
     guest_agent_started: float  # guest uptime when the agent process began
+    restored: bool = False  # from a snapshot (then guest uptime counts from the template)
 
 
 class VM(abc.ABC):
@@ -66,7 +67,8 @@ class VM(abc.ABC):
 
     @abc.abstractmethod
     def start(self, timeout: float) -> BootTimes:
-        """Boot until the guest agent answers Health; SystemFailure otherwise."""
+        """Boot (or restore) until the guest agent answers Health and the workspace is
+        mounted; SystemFailure otherwise (RestoreFailed: the snapshot was at fault)."""
 
     @property
     @abc.abstractmethod
@@ -108,3 +110,25 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def create(self, spec: VMSpec) -> VM:
         """A VM not yet started; creating allocates nothing on the host."""
+
+    # Snapshot start (capabilities.snapshot): a template is a booted, saved guest of one
+    # size; a VM restored from it is the same as a cold one once started.
+    def snapshot_problem(self) -> str | None:
+        """None when this backend can start VMs from snapshots here, else why not."""
+        return f"the {self.name} backend has no snapshots"
+
+    def template_key(self, spec: VMSpec) -> str:
+        """Everything a restore of ``spec`` depends on, hashed."""
+        raise NotImplementedError
+
+    def template_meta(self, spec: VMSpec) -> dict[str, object]:
+        """Recorded beside the template; ``family``: templates that replace each other."""
+        return {}
+
+    def save_template(self, spec: VMSpec, file: Path, timeout: float) -> None:
+        """Boot a template of ``spec`` and save it to ``file``; SystemFailure otherwise."""
+        raise NotImplementedError
+
+    def restore(self, spec: VMSpec, file: Path) -> VM:
+        """A VM that ``start`` restores from ``file`` instead of booting."""
+        raise NotImplementedError

@@ -2,8 +2,8 @@
 
 Between the lifecycle and the ``Backend``: the lifecycle asks for a VM of a size over a
 workspace and gets one whose agent answers; how it came to be is the provider's business.
-Today every VM is cold-booted; the warm-start issue replaces the inside of ``acquire`` (restore
-from a snapshot, a pre-restored pool), not its callers.
+``ColdBootProvider`` boots every VM from the images; ``SnapshotProvider`` restores each from
+a template of its size (built once, kept in the cache) and boots cold when it cannot.
 """
 
 from __future__ import annotations
@@ -16,8 +16,13 @@ from pathlib import Path
 from typing import Literal
 
 from kata_ci import paths
+from kata_ci.errors import RestoreFailed, SystemFailure
 from kata_ci.executors.base import VM, Backend, VMSpec
+from kata_ci.executors.templates import Template, TemplateStore
 from kata_ci.images.build import load_current
+
+StartMode = Literal["snapshot", "cold"]
+TEMPLATE_TIMEOUT = 300.0  # boot + save of a template, under TCG on a loaded host
 
 Notify = Callable[[str], None]
 
@@ -50,15 +55,27 @@ class VMProvider(abc.ABC):
 class ColdBootProvider(VMProvider):
     """A fresh VM per job, booted from the images."""
 
-    def __init__(self, backend: Backend, base: VMSpec) -> None:
+    mode = "cold"
+
+    def __init__(self, backend: Backend, base: VMSpec, why: str = "") -> None:
         self.backend = backend
         self.base = base
+        self.why = why  # why not from snapshots, for `doctor` and notes
 
-    def acquire(self, request: VMRequest, on_created: Callable[[VM], None]) -> VM:
-        spec = dataclasses.replace(self.base, workspace=request.workspace,
+    def spec(self, request: VMRequest) -> VMSpec:
+        return dataclasses.replace(self.base, workspace=request.workspace,
                                    guest_workdir=request.guest_workdir, vcpus=request.vcpus,
                                    memory_mib=request.memory_mib, network=request.network)
-        vm = self.backend.create(spec)
+
+    def acquire(self, request: VMRequest, on_created: Callable[[VM], None]) -> VM:
+        return self._start(self.backend.create(self.spec(request)), request, on_created)
+
+    def prepare(self, sizes: list[tuple[int, int]]) -> list[str]:
+        """Ahead of need (worker start, `images build`): nothing to do for cold boots."""
+        return []
+
+    @staticmethod
+    def _start(vm: VM, request: VMRequest, on_created: Callable[[VM], None]) -> VM:
         try:
             on_created(vm)
             vm.start(request.boot_timeout)
@@ -77,11 +94,69 @@ class ColdBootProvider(VMProvider):
             vm.kill()
 
 
-def open_provider(accel: str, notify: Notify, max_file_size: int | None = None) -> VMProvider:
+class SnapshotProvider(ColdBootProvider):
+    """Each VM restored from the template of its size: a fresh VMM process and file server
+    per job, the agent reseeded and the workspace mounted by RPC. A template missing or made
+    from other inputs is built first (once per host and size); one that fails to restore is
+    removed and the job boots cold, with a note."""
+
+    mode = "snapshot"
+
+    def __init__(self, backend: Backend, base: VMSpec, store: TemplateStore,
+                 notify: Notify) -> None:
+        super().__init__(backend, base)
+        self.store = store
+        self.notify = notify
+        self.unbuildable: dict[str, str] = {}  # key -> why: tried once per process
+
+    def acquire(self, request: VMRequest, on_created: Callable[[VM], None]) -> VM:
+        spec = self.spec(request)
+        try:
+            template = self.template(spec)
+        except SystemFailure as exc:
+            self.notify(f"no VM template ({exc.args[0]}); booting cold")
+            return super().acquire(request, on_created)
+        try:
+            return self._start(self.backend.restore(spec, template.file), request, on_created)
+        except RestoreFailed as exc:
+            self.store.discard(template)
+            self.notify(f"could not restore the VM from its template ({exc.args[0]}); "
+                        "booting cold, the template is rebuilt for the next job")
+        return super().acquire(request, on_created)
+
+    def template(self, spec: VMSpec) -> Template:
+        key = self.backend.template_key(spec)
+        found = self.store.find(key)
+        if found is not None:
+            return found
+        if key in self.unbuildable:
+            raise SystemFailure(self.unbuildable[key])
+        self.notify(f"building the VM template for {spec.vcpus} vCPU / {spec.memory_mib} MiB "
+                    "(once; later jobs of this size start from it)")
+        try:
+            return self.store.build(key, self.backend.template_meta(spec),
+                                    lambda file: self.backend.save_template(spec, file,
+                                                                            TEMPLATE_TIMEOUT))
+        except SystemFailure as exc:
+            self.unbuildable[key] = exc.args[0]
+            raise
+
+    def prepare(self, sizes: list[tuple[int, int]]) -> list[str]:
+        keys = []
+        for vcpus, memory in dict.fromkeys(sizes):
+            spec = dataclasses.replace(self.base, vcpus=vcpus, memory_mib=memory,
+                                       workspace=Path("/"))
+            keys.append(self.template(spec).key)
+        return keys
+
+
+def open_provider(accel: str, notify: Notify, max_file_size: int | None = None,
+                  start: StartMode = "snapshot") -> ColdBootProvider:
     """Once per process: images, acceleration, and the VMs of earlier kata-ci processes that
     were killed outright. UserError when this host cannot run VMs (nothing was started)."""
     from kata_ci.executors.qemu.accel import choose
-    from kata_ci.executors.qemu.backend import QemuBackend, reap_orphans
+    from kata_ci.executors.qemu.backend import QemuBackend
+    from kata_ci.executors.qemu.orphans import reap_orphans
 
     cache = paths.cache_dir()
     manifest = load_current(cache)
@@ -94,5 +169,10 @@ def open_provider(accel: str, notify: Notify, max_file_size: int | None = None) 
                "Jobs run several times slower; `kata-ci doctor` explains.")
     base = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
                   rootfs=Path(manifest.rootfs.path), max_file_size=max_file_size)
-    return ColdBootProvider(QemuBackend(decision.accel, run_root, Path(manifest.tools.path)),
-                            base)
+    backend = QemuBackend(decision.accel, run_root, Path(manifest.tools.path))
+    if start == "cold":
+        return ColdBootProvider(backend, base, "cold boot asked for (--cold or [vm] start)")
+    problem = backend.snapshot_problem()
+    if problem is not None:
+        return ColdBootProvider(backend, base, problem)
+    return SnapshotProvider(backend, base, TemplateStore(cache / "templates"), notify)

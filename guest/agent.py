@@ -12,6 +12,7 @@ import hashlib
 import os
 import select
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -34,7 +35,12 @@ SOCKET = "/run/kata-ci-agent.sock"
 READ_CHUNK = 1024 * 1024
 CLOCK_TOLERANCE_NS = 200_000_000  # step the clock only when it is really off, never jitter it
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-SPAWN = "/opt/kata-ci/agent/kata-ci-spawn"
+SPAWN = "/opt/kata-ci/agent/kata-ci-spawn"  # guest/init.c; also kata-ci-mount by argv[0]
+# linux/random.h: credit entropy to the input pool; then make the CRNG draw from it now,
+# not at its next periodic reseed (a minute away), so the next getrandom() differs.
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+MAX_ENTROPY = 512
 
 
 def _findable(program: str, cwd: str, path: str) -> bool:
@@ -70,8 +76,13 @@ class AgentService(pb_grpc.AgentServicer):
         self.on_shutdown = on_shutdown
         self.running: dict[str, subprocess.Popen[bytes]] = {}
         self.lock = threading.Lock()
+        self.mounted = False
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
+        if request.entropy:
+            problem = reseed(request.entropy)
+            if problem:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
         drift = request.host_time_unix_nanos - time.time_ns()
         if request.host_time_unix_nanos and abs(drift) > CLOCK_TOLERANCE_NS:
             time.clock_settime_ns(time.CLOCK_REALTIME, request.host_time_unix_nanos)
@@ -84,6 +95,25 @@ class AgentService(pb_grpc.AgentServicer):
             uptime_seconds=uptime(),
             agent_start_seconds=self.started_at,
         )
+
+    def Mount(self, request: pb.MountRequest, context: grpc.ServicerContext) -> pb.MountResponse:
+        if not os.path.isabs(request.path):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"relative path {request.path!r}")
+        with self.lock:
+            if self.mounted:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Mount was called before")
+            self.mounted = True
+        done = subprocess.run(["kata-ci-mount", request.path], executable=SPAWN,
+                              stdin=subprocess.DEVNULL, capture_output=True)
+        if done.returncode != 0:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          done.stderr.decode(errors="replace").strip()
+                          or f"kata-ci-mount exited {done.returncode}")
+        self.workdir = request.path
+        # On the console: a restored VM's console otherwise holds nothing of its own.
+        print(f"kata-ci-agent: workspace mounted at {request.path} (uptime {uptime():.2f}s)",
+              file=sys.stderr, flush=True)
+        return pb.MountResponse()
 
     def Exec(
         self, request: pb.ExecRequest, context: grpc.ServicerContext
@@ -185,6 +215,25 @@ class AgentService(pb_grpc.AgentServicer):
             cut = len(data) > request.max_bytes
             reply.files.append(pb.File(path=path, data=data[: request.max_bytes], truncated=cut))
         return reply
+
+
+def reseed(entropy: bytes) -> str:
+    """Mix ``entropy`` into the kernel RNG, credited, and reseed the CRNG from it now.
+
+    Empty when done, else why not."""
+    if len(entropy) > MAX_ENTROPY:
+        return f"{len(entropy)} bytes of entropy, over {MAX_ENTROPY}"
+    try:
+        fd = os.open("/dev/urandom", os.O_WRONLY)
+        try:
+            fcntl.ioctl(fd, RNDADDENTROPY,
+                        struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy)
+            fcntl.ioctl(fd, RNDRESEEDCRNG)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return f"cannot reseed the guest RNG: {exc}"
+    return ""
 
 
 def _put_problem(request: pb.PutFilesRequest) -> str:

@@ -17,10 +17,12 @@ STDOUT: Stream
 STDERR: Stream
 
 class HealthRequest(_message.Message):
-    __slots__ = ("host_time_unix_nanos",)
+    __slots__ = ("host_time_unix_nanos", "entropy")
     HOST_TIME_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
     host_time_unix_nanos: int
-    def __init__(self, host_time_unix_nanos: _Optional[int] = ...) -> None: ...
+    entropy: bytes
+    def __init__(self, host_time_unix_nanos: _Optional[int] = ..., entropy: _Optional[bytes] = ...) -> None: ...
 
 class HealthResponse(_message.Message):
     __slots__ = ("agent_version", "grpc_version", "protobuf_version", "contract_sha256", "kernel_release", "uptime_seconds", "agent_start_seconds")
@@ -39,6 +41,16 @@ class HealthResponse(_message.Message):
     uptime_seconds: float
     agent_start_seconds: float
     def __init__(self, agent_version: _Optional[str] = ..., grpc_version: _Optional[str] = ..., protobuf_version: _Optional[str] = ..., contract_sha256: _Optional[str] = ..., kernel_release: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., agent_start_seconds: _Optional[float] = ...) -> None: ...
+
+class MountRequest(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class MountResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ExecRequest(_message.Message):
     __slots__ = ("exec_id", "argv", "env", "cwd")

@@ -39,6 +39,11 @@ class AgentStub:
                 request_serializer=kata__ci_dot_guest_dot_agent__pb2.HealthRequest.SerializeToString,
                 response_deserializer=kata__ci_dot_guest_dot_agent__pb2.HealthResponse.FromString,
                 _registered_method=True)
+        self.Mount = channel.unary_unary(
+                '/kataci.agent.v1.Agent/Mount',
+                request_serializer=kata__ci_dot_guest_dot_agent__pb2.MountRequest.SerializeToString,
+                response_deserializer=kata__ci_dot_guest_dot_agent__pb2.MountResponse.FromString,
+                _registered_method=True)
         self.Exec = channel.unary_stream(
                 '/kataci.agent.v1.Agent/Exec',
                 request_serializer=kata__ci_dot_guest_dot_agent__pb2.ExecRequest.SerializeToString,
@@ -74,6 +79,20 @@ class AgentServicer:
         to continue when the versions differ from its own: the guest must run exactly the stubs and
         libraries the host uses. Health also sets the guest's clock from the host's: under TCG the
         guest has no kvmclock and no RTC, and make/git compare guest and host timestamps.
+        Health mixes the host's entropy into the kernel RNG, credits it and forces a reseed
+        (RNDADDENTROPY, RNDRESEEDCRNG): VMs restored from one snapshot would otherwise share the
+        template's RNG state. An agent that cannot reseed fails the call (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Mount(self, request, context):
+        """Mount mounts the workspace (virtio-fs tag "workspace") at `path`, making its directories,
+        without device nodes (nodev); `path` becomes the default working directory of Exec. Once
+        per VM life, after Health and before any Exec: a second call fails (FAILED_PRECONDITION),
+        a relative path is INVALID_ARGUMENT. Not init's job: a snapshot freezes the kernel
+        command line, and a VM restored from one learns its job's workspace only now.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -134,6 +153,11 @@ def add_AgentServicer_to_server(servicer, server):
                     request_deserializer=kata__ci_dot_guest_dot_agent__pb2.HealthRequest.FromString,
                     response_serializer=kata__ci_dot_guest_dot_agent__pb2.HealthResponse.SerializeToString,
             ),
+            'Mount': grpc.unary_unary_rpc_method_handler(
+                    servicer.Mount,
+                    request_deserializer=kata__ci_dot_guest_dot_agent__pb2.MountRequest.FromString,
+                    response_serializer=kata__ci_dot_guest_dot_agent__pb2.MountResponse.SerializeToString,
+            ),
             'Exec': grpc.unary_stream_rpc_method_handler(
                     servicer.Exec,
                     request_deserializer=kata__ci_dot_guest_dot_agent__pb2.ExecRequest.FromString,
@@ -187,6 +211,33 @@ class Agent:
             '/kataci.agent.v1.Agent/Health',
             kata__ci_dot_guest_dot_agent__pb2.HealthRequest.SerializeToString,
             kata__ci_dot_guest_dot_agent__pb2.HealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Mount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kataci.agent.v1.Agent/Mount',
+            kata__ci_dot_guest_dot_agent__pb2.MountRequest.SerializeToString,
+            kata__ci_dot_guest_dot_agent__pb2.MountResponse.FromString,
             options,
             channel_credentials,
             insecure,

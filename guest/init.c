@@ -7,8 +7,12 @@
  *
  * Steps: mount /dev /proc /sys; mount the shared read-only rootfs (/dev/vda) under an overlay
  * whose upper layer is a tmpfs (every VM writes to its own throw-away layer); bind the agent
- * code from the initramfs into it; mount the workspace (virtio-fs tag "workspace") at the path
- * given by kataci.workdir (percent-encoded); switch root; start the agent; reap; power off.
+ * code from the initramfs into it; switch root; start the agent; reap; power off.
+ *
+ * The workspace (virtio-fs tag "workspace") is not mounted here: the agent's Mount RPC runs
+ * this binary as kata-ci-mount PATH once the host names the job's directory. A VM restored
+ * from a snapshot has the kernel command line of the template it was saved from, so nothing
+ * job-specific can come from there; cold-booted VMs take the same path.
  *
  * Configuration comes only from kataci.* words of the kernel command line; never secrets.
  * kataci.mode=floor powers off at once (the benchmark floor and the KVM probe use it).
@@ -99,18 +103,31 @@ static const char *option(const char *key, char *out, size_t size) {
     return NULL;
 }
 
-static void percent_decode(char *s) {
-    char *w = s;
-    for (char *r = s; *r; r++) {
-        if (r[0] == '%' && r[1] && r[2]) {
-            char hex[3] = {r[1], r[2], 0};
-            *w++ = (char)strtol(hex, NULL, 16);
-            r += 2;
-        } else {
-            *w++ = *r;
+/* kata-ci-mount PATH: the agent's Mount RPC. Errors go to stderr (the RPC's reply), never
+ * a power-off: the agent reports them and the host ends the job as a system failure. */
+static int mount_workspace(const char *path) {
+    char tmp[1024];
+    if (path[0] != '/' || strlen(path) >= sizeof tmp) {
+        fprintf(stderr, "kata-ci-mount: bad path\n");
+        return 2;
+    }
+    snprintf(tmp, sizeof tmp, "%s", path);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p == '/') {
+            *p = 0;
+            mkdir(tmp, 0755);
+            *p = '/';
         }
     }
-    *w = 0;
+    if (mkdir(tmp, 0755) != 0 && errno != EEXIST) {
+        fprintf(stderr, "kata-ci-mount: mkdir %s: %s\n", path, strerror(errno));
+        return 1;
+    }
+    if (mount("workspace", path, "virtiofs", MS_NODEV, NULL) != 0) {
+        fprintf(stderr, "kata-ci-mount: mount workspace on %s: %s\n", path, strerror(errno));
+        return 1;
+    }
+    return 0;
 }
 
 static void loopback_up(void) {
@@ -143,7 +160,9 @@ int main(int argc, char **argv_in) {
         fprintf(stderr, "kata-ci-spawn: %s: %s\n", argv_in[1], strerror(errno));
         return errno == ENOENT ? 127 : 126;
     }
-    char value[1024], workdir[1024] = "/";
+    if (strcmp(self ? self + 1 : argv_in[0], "kata-ci-mount") == 0)
+        return argc == 2 ? mount_workspace(argv_in[1]) : 2;
+    char value[1024];
     mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
     must_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     int fd = open("/proc/cmdline", O_RDONLY);
@@ -181,14 +200,6 @@ int main(int argc, char **argv_in) {
     mkdirs("/newroot/dev/shm", 01777);
     must_mount("tmpfs", "/newroot/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
                "mode=1777,size=10%");
-    if (option("workdir", value, sizeof value)) {
-        percent_decode(value);
-        snprintf(workdir, sizeof workdir, "%s", value);
-        char target[1200];
-        snprintf(target, sizeof target, "/newroot%s", workdir);
-        mkdirs(target, 0755);
-        must_mount("workspace", target, "virtiofs", MS_NODEV, NULL);
-    }
     if (chdir("/newroot") != 0) die("chdir /newroot");
     must_mount(".", "/", NULL, MS_MOVE, NULL);
     if (chroot(".") != 0 || chdir("/") != 0) die("chroot");
@@ -197,11 +208,10 @@ int main(int argc, char **argv_in) {
 
     char transport[64] = "serial";
     option("transport", transport, sizeof transport);
-    char env_workdir[1100], env_transport[100];
-    snprintf(env_workdir, sizeof env_workdir, "KATACI_WORKDIR=%s", workdir);
+    char env_transport[100];
     snprintf(env_transport, sizeof env_transport, "KATACI_TRANSPORT=%s", transport);
     char *envp[] = {"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "HOME=/root", "LANG=C.UTF-8", env_workdir, env_transport, NULL};
+                    "HOME=/root", "LANG=C.UTF-8", env_transport, NULL};
     /* -I -S: no site-packages scan, no environment, no user dirs: fewer files read at start. */
     char *argv[] = {"python3", "-I", "-S", "-c",
                     "import sys; sys.path[:0] = ['/opt/kata-ci/agent', '/opt/kata-ci/site']; "

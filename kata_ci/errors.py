@@ -35,3 +35,8 @@ class SystemFailure(KataCIError):
         if not self.diagnostics:
             return base
         return f"{base}\n--- last guest console lines ---\n{self.diagnostics}"
+
+
+class RestoreFailed(SystemFailure):
+    """A VM could not be restored from its snapshot (corrupt or foreign file, QEMU refused
+    the state). Nothing of the job ran yet: the provider boots the job cold instead."""

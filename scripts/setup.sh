@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(
-  qemu-system-x86                                       # QEMU with microvm + virtiofsd
+  qemu-system-x86                                       # QEMU with microvm
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev  # kernel, init.c
   debootstrap e2fsprogs xz-utils                        # guest rootfs
   redis-server                                          # the queue broker (tests start their own)
@@ -20,6 +20,28 @@ if ((${#missing[@]})); then
   echo "kata-ci setup: installing ${missing[*]}" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Snapshot start needs QEMU >= 9.0 (README, "Fast start"); Debian 12 ships 7.2, its
+# bookworm-backports 10.0. Backports have priority 100: only what is named comes from there.
+. /etc/os-release
+qemu_version=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
+if [ "${VERSION_CODENAME:-}" = bookworm ] && ! dpkg --compare-versions "$qemu_version" ge 1:9; then
+  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    cat >/etc/apt/sources.list.d/kata-ci-bookworm-backports.sources <<'EOF'
+# Added by kata-ci (scripts/setup.sh) for QEMU >= 9.0. Nothing else is taken from here
+# unless named: backports have apt priority 100.
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+  fi
+  echo "kata-ci setup: installing QEMU from bookworm-backports" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    -t bookworm-backports qemu-system-x86 >/dev/null
 fi
 
 # VMs never run as root: QEMU runs as this system user (README, "Security model").

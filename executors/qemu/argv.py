@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 from kata_ci.executors.base import Accel, VMSpec
 
 AGENT_PORT_NAME = "kataci.agent"  # /dev/virtio-ports/<name> in the guest (guest/transport.py)
 AGENT_PORT_ID = "agentport"  # QMP VSERPORT_CHANGE reports this id when the guest opens it
-WORKSPACE_TAG = "workspace"  # virtio-fs tag, mounted by guest/init.c
+WORKSPACE_TAG = "workspace"  # virtio-fs tag, mounted by the agent's Mount RPC (guest/init.c)
 QEMU = "qemu-system-x86_64"
 # QEMU's own seccomp filter (qemu-options "-sandbox"): no obsolete syscalls, no setuid/setgid,
 # no fork/exec, no scheduler or priority changes. On top of the unprivileged identity.
@@ -68,7 +67,8 @@ class VMPaths:
 
 
 def kernel_cmdline(spec: VMSpec, floor: bool = False, tsc_khz: int | None = None) -> str:
-    """Guest kernel command line. Only kataci.* options for our init; never secrets.
+    """Guest kernel command line. Only kataci.* options for our init; never secrets, and
+    nothing of one job (its workspace path comes by the Mount RPC): a snapshot freezes it.
 
     ``tsc_khz``: under TCG the guest's RDTSC reads the host TSC, but microvm offers the kernel
     nothing to calibrate it against (no PIT speaker port, HPET or ACPI PM timer), so without
@@ -88,9 +88,6 @@ def kernel_cmdline(spec: VMSpec, floor: bool = False, tsc_khz: int | None = None
     else:
         words.append(f"kataci.overlay_size={spec.overlay_size}")
         words.append("kataci.transport=serial")
-    if spec.workdir is not None:
-        # Percent-encoded: the command line splits on spaces and has no quoting we can trust.
-        words.append(f"kataci.workdir={quote(spec.workdir, safe='/')}")
     words.extend(spec.extra_kernel_args)
     return " ".join(words)
 
@@ -159,6 +156,18 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False,
         argv += ["-chardev", f"socket,id=fs,path={paths.virtiofs}",
                  "-device", f"vhost-user-fs-device,chardev=fs,tag={WORKSPACE_TAG},queue-size=1024"]
     return argv + list(spec.extra_qemu_args)
+
+
+SNAPSHOT_FDSET = 1
+SNAPSHOT_URI = f"file:/dev/fdset/{SNAPSHOT_FDSET}"
+
+
+def snapshot_args(fd: int, restore: bool) -> list[str]:
+    """The snapshot file, opened by kata-ci and inherited as ``fd``: QEMU's identity cannot
+    open kata-ci's cache, and a restoring QEMU gets it read-only. Migration URIs name it as
+    ``SNAPSHOT_URI``. ``restore``: QEMU waits for migrate-incoming instead of booting."""
+    argv = ["-add-fd", f"fd={fd},set={SNAPSHOT_FDSET},opaque=kata-ci-snapshot"]
+    return argv + (["-incoming", "defer"] if restore else [])
 
 
 def virtiofsd_argv(spec: VMSpec, program: str, fd: int, owner_uid: int, owner_gid: int,

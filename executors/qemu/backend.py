@@ -1,7 +1,7 @@
 """QEMU microvm backend: process lifecycle of QEMU + virtiofsd, QMP through qemu.qmp.
 
 A VM owns one run directory (sockets, console, logs, a record of its processes). ``kill``
-removes all of it; ``reap_orphans`` removes what a dead owner left (kata-ci SIGKILLed).
+removes all of it; ``orphans.reap_orphans`` removes what a dead owner left (kata-ci SIGKILLed).
 """
 
 from __future__ import annotations
@@ -11,25 +11,23 @@ import functools
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from qemu.qmp import QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
-from kata_ci.errors import SystemFailure
+from kata_ci.errors import RestoreFailed, SystemFailure
 from kata_ci.executors.agent_client import AgentClient, VirtioSerialChannel
 from kata_ci.executors.base import VM, Accel, Backend, BootTimes, Capabilities, VMSpec
+from kata_ci.executors.qemu import qmp, snapshot
 from kata_ci.executors.qemu.argv import (
-    AGENT_PORT_ID,
     GuestFiles,
     VMPaths,
     qemu_argv,
+    snapshot_args,
     virtiofsd_argv,
 )
 from kata_ci.executors.qemu.confine import (
@@ -39,13 +37,11 @@ from kata_ci.executors.qemu.confine import (
     jail_argv,
     limits_for,
     qemu_identity,
-    remove_stale_cgroup,
     workspace_owner,
 )
 from kata_ci.executors.qemu.logs import LogPump, tail
-from kata_ci.procs import pid_alive
+from kata_ci.executors.qemu.orphans import RECORD
 
-RECORD = "vm.json"
 # What the guest kernel prints when it stops for good while QEMU keeps running: without ACPI
 # a power-off is a halt (all vCPUs parked), and a halted guest answers nothing, ever.
 HALT_MARKERS = (b"reboot: System halted", b"reboot: Power down")
@@ -69,13 +65,22 @@ def host_tsc_khz() -> int | None:
     return round(float(mhz) * 1000)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """The VM saves itself to ``file`` once booted (a template), or restores from it."""
+
+    file: Path
+    restore: bool
+
+
 class QemuVM(VM):
     def __init__(self, spec: VMSpec, accel: Accel, run_root: Path, tools: Path,
-                 floor: bool = False) -> None:
+                 floor: bool = False, snapshot: Snapshot | None = None) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.spec = spec
         self.accel = accel
         self.floor = floor
+        self.snapshot = snapshot
         self.tools = tools
         self.paths = VMPaths(run_root / self.id)
         self._cgroup = VMCgroup(self.id, limits_for(spec.vcpus, spec.memory_mib, accel))
@@ -92,9 +97,48 @@ class QemuVM(VM):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, timeout: float) -> BootTimes:
+        """Boot (or restore) until the agent answers Health and the workspace is mounted; a
+        template VM stops once its agent serves, unconnected, for ``save``."""
         started = time.monotonic()
         deadline = started + timeout
         self._boot_timeout = timeout
+        restoring = self.snapshot is not None and self.snapshot.restore
+        try:
+            self._spawn_vm()
+            if self.floor:
+                return self._wait_floor(started, deadline)
+            self._wait_for(self.paths.qmp, deadline, "QMP socket")
+            if restoring:
+                qmp.restore_snapshot(self.paths.qmp, deadline, self.check)
+            else:
+                qmp.wait_agent_port(self.paths.qmp, deadline, self.check, lambda: (
+                    f"guest agent did not open its channel within {self._boot_timeout:g}s"))
+            if self.snapshot is not None and not restoring:
+                return BootTimes(time.monotonic() - started, 0.0, 0.0)
+            self._agent = AgentClient(VirtioSerialChannel(str(self.paths.agent)))
+            reply = self._agent.health(max(0.1, deadline - time.monotonic()))
+        except SystemFailure as exc:
+            if not restoring or self._killed:
+                raise
+            if time.monotonic() >= deadline:  # slow, not broken: the template stays
+                raise SystemFailure(f"the VM was not restored within {timeout:g}s "
+                                    f"({exc.args[0]})", self.diagnostics()) from None
+            if isinstance(exc, RestoreFailed):
+                raise
+            # Up to a healthy agent, a failure is the snapshot's: the job may boot cold.
+            raise RestoreFailed(f"restore failed: {exc.args[0]}", self.diagnostics()) from None
+        if self.spec.workdir is not None:
+            self._agent.mount(self.spec.workdir, max(1.0, deadline - time.monotonic()))
+        return BootTimes(agent_healthy=time.monotonic() - started,
+                         guest_uptime_at_health=reply.uptime_seconds,
+                         guest_agent_started=reply.agent_start_seconds, restored=restoring)
+
+    def save(self, timeout: float) -> None:
+        """A template VM (``Snapshot(restore=False)``), started: stop it, write its state."""
+        assert self.snapshot is not None and not self.snapshot.restore
+        qmp.save_snapshot(self.paths.qmp, time.monotonic() + timeout, self.check)
+
+    def _spawn_vm(self) -> None:
         identity = qemu_identity()
         self._make_run_dir(identity)
         cgroups = self._cgroup.create()
@@ -102,11 +146,15 @@ class QemuVM(VM):
         if self.spec.workspace is not None and not self.floor:
             self._start_fileserver(jail, cgroups, identity)
         with contextlib.ExitStack() as opened:
-            def fd(path: Path | None) -> str | None:
+            def fd(path: Path | None, flags: int = os.O_RDONLY) -> str | None:
                 if path is None:
                     return None
-                handle = opened.enter_context(open(path, "rb"))
-                return f"/proc/self/fd/{handle.fileno()}"
+                try:
+                    handle = os.open(path, flags | os.O_CLOEXEC, 0o600)
+                except OSError as exc:  # e.g. a template removed meanwhile: a cold boot follows
+                    raise SystemFailure(f"cannot open {path}: {exc.strerror}") from None
+                opened.callback(os.close, handle)
+                return f"/proc/self/fd/{handle}"
 
             console = self._pump.pipe(self.paths.console, self._watch_console)
             opened.callback(os.close, console)
@@ -118,20 +166,18 @@ class QemuVM(VM):
             argv = jail_argv(Path(jail), identity, cgroups) + qemu_argv(
                 self.spec, self.paths, self.accel, self.floor, host_tsc_khz(), files,
                 in_run_dir=True)
-            keep = [int(p.rsplit("/", 1)[1]) for p in (files.kernel, files.initramfs,
-                                                       files.rootfs, files.console) if p]
+            paths = [files.kernel, files.initramfs, files.rootfs, files.console]
+            if self.snapshot is not None:
+                # Read-only for a restore; a template's file is new and QEMU only writes it.
+                mode = os.O_RDONLY if self.snapshot.restore else \
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                paths.append(fd(self.snapshot.file, mode))
+                argv += snapshot_args(int(str(paths[-1]).rsplit("/", 1)[1]),
+                                      self.snapshot.restore)
+            keep = [int(p.rsplit("/", 1)[1]) for p in paths if p]
             self._qemu = self._spawn(argv, self.paths.qemu_log, keep)
         self._pump.start()
         self._record()
-        if self.floor:
-            return self._wait_floor(started, deadline)
-        self._wait_for(self.paths.qmp, deadline, "QMP socket")
-        self._wait_agent_port(deadline)
-        self._agent = AgentClient(VirtioSerialChannel(str(self.paths.agent)))
-        reply = self._agent.health(max(0.1, deadline - time.monotonic()))
-        return BootTimes(agent_healthy=time.monotonic() - started,
-                         guest_uptime_at_health=reply.uptime_seconds,
-                         guest_agent_started=reply.agent_start_seconds)
 
     @property
     def agent(self) -> AgentClient:
@@ -282,46 +328,6 @@ class QemuVM(VM):
                                     self.diagnostics())
             time.sleep(0.005)
 
-    def _wait_agent_port(self, deadline: float) -> None:
-        """Wait for the guest to open the agent port.
-
-        Bytes sent before the guest opens its end are dropped by the guest driver, so the
-        host must not connect before. QMP says when: the VSERPORT_CHANGE event, and
-        ``frontend-open`` in query-chardev. Both are used, because events emitted before our
-        QMP negotiation finished are not delivered (a host stalled under load would miss it).
-        """
-        qmp = QEMUMonitorProtocol(str(self.paths.qmp))
-        try:
-            qmp.connect(negotiate=True)
-            next_query = 0.0
-            while True:
-                self.check()
-                now = time.monotonic()
-                if now > deadline:
-                    raise SystemFailure(f"guest agent did not open its channel within "
-                                        f"{self._boot_timeout:g}s", self.diagnostics())
-                if now >= next_query:
-                    chardevs: list[dict[str, object]] = qmp.cmd("query-chardev")  # type: ignore[assignment]
-                    if any(c.get("label") == "agent" and c.get("frontend-open")
-                           for c in chardevs):
-                        return
-                    next_query = now + 1.0
-                try:
-                    event = qmp.pull_event(wait=0.1)
-                except TimeoutError:
-                    continue
-                data = (event or {}).get("data", {})
-                if (event or {}).get("event") == "VSERPORT_CHANGE" and \
-                        data.get("id") == AGENT_PORT_ID and data.get("open"):
-                    return
-        except (OSError, EOFError, QMPError) as exc:
-            time.sleep(0.1)  # QEMU closing QMP usually means it is exiting: report why
-            self.check()
-            raise SystemFailure(f"QMP connection failed: {exc}", self.diagnostics()) from None
-        finally:
-            with contextlib.suppress(Exception):
-                qmp.close()
-
     def _wait_floor(self, started: float, deadline: float) -> BootTimes:
         assert self._qemu is not None
         try:
@@ -337,14 +343,16 @@ class QemuVM(VM):
 
 class QemuBackend(Backend):
     name = "qemu"
-    # Snapshots: vhost-user-fs blocks migration in QEMU 7.2. Hotplug: microvm has no bus for
-    # it. vsock: not on these hosts (no vhost-vsock); the agent channel is virtio-serial.
-    capabilities = Capabilities(snapshot=False, hotplug=False, vsock=False)
 
     def __init__(self, accel: Accel, run_root: Path, tools: Path) -> None:
         self.accel = accel
         self.run_root = run_root
         self.tools = tools  # images/tools.py: kata-ci-jail, virtiofsd
+        # Hotplug: microvm has no bus for it. vsock: not on these hosts (no vhost-vsock); the
+        # agent channel is virtio-serial. Snapshots: QEMU and virtiofsd versions decide.
+        self._snapshot_problem = snapshot.snapshot_problem(tools)
+        self.capabilities = Capabilities(snapshot=self._snapshot_problem is None,
+                                         hotplug=False, vsock=False)
 
     def create(self, spec: VMSpec) -> QemuVM:
         return QemuVM(spec, self.accel, self.run_root, self.tools)
@@ -353,29 +361,31 @@ class QemuBackend(Backend):
         """A VM whose init powers off at once: the benchmark floor and the KVM probe."""
         return QemuVM(spec, self.accel, self.run_root, self.tools, floor=True)
 
+    def snapshot_problem(self) -> str | None:
+        return self._snapshot_problem
 
-def reap_orphans(run_root: Path) -> list[str]:
-    """Kill and remove VMs whose owning process is gone. Returns the reaped VM ids."""
-    reaped: list[str] = []
-    if not run_root.is_dir():
-        return reaped
-    for vm_dir in run_root.iterdir():
-        try:
-            record = json.loads((vm_dir / RECORD).read_text())
-        except (OSError, ValueError):
-            continue
-        if pid_alive(record.get("owner")):
-            continue
-        for key in ("qemu", "virtiofsd"):
-            pid = record.get(key)
-            # Only a process whose command line names this VM: pids get reused.
-            if pid and _cmdline_mentions(pid, vm_dir.name):
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(vm_dir, ignore_errors=True)
-        remove_stale_cgroup(vm_dir.name)
-        reaped.append(vm_dir.name)
-    return reaped
+    def template_key(self, spec: VMSpec) -> str:
+        return snapshot.template_key(spec, self.accel, host_tsc_khz(), self.tools)
+
+    def template_meta(self, spec: VMSpec) -> dict[str, object]:
+        return snapshot.meta(spec, self.accel)
+
+    def save_template(self, spec: VMSpec, file: Path, timeout: float) -> None:
+        with snapshot.placeholder_dir() as empty:
+            vm = QemuVM(snapshot.template_spec(spec, Path(empty)), self.accel, self.run_root,
+                        self.tools, snapshot=Snapshot(file, restore=False))
+            try:
+                vm.start(timeout)
+                vm.save(timeout)
+            except SystemFailure as exc:
+                raise SystemFailure(f"building the VM template failed: {exc.args[0]}",
+                                    exc.diagnostics) from None
+            finally:
+                vm.kill()
+
+    def restore(self, spec: VMSpec, file: Path) -> QemuVM:
+        return QemuVM(spec, self.accel, self.run_root, self.tools,
+                      snapshot=Snapshot(file, restore=True))
 
 
 def _listening(path: Path) -> bool:
@@ -390,10 +400,3 @@ def _listening(path: Path) -> bool:
     finally:
         probe.close()
     return True
-
-
-def _cmdline_mentions(pid: int, vm_id: str) -> bool:
-    try:
-        return vm_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False

@@ -69,6 +69,8 @@ class _RunCommand(click.Command):
 @click.option("--timeout", type=float, help="Seconds before the job is stopped; 0 = none.")
 @click.option("--grace", type=float, help="Seconds between SIGTERM and killing the VM.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Acceleration.")
+@click.option("--cold", is_flag=True, default=None,
+              help="Boot every VM cold instead of restoring a snapshot (vm.start = \"cold\").")
 @click.option("-e", "--env", "env_items", multiple=True, metavar="NAME[=VALUE]",
               help="Set a variable in the job (NAME alone passes the host's value).")
 @click.option("--secret", "secret_items", multiple=True, metavar="NAME[=@FILE]",
@@ -95,7 +97,7 @@ class _RunCommand(click.Command):
 @click.argument("command", nargs=-1)
 @click.pass_context
 def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int | None,
-        timeout: float | None, grace: float | None, accel: str | None,
+        timeout: float | None, grace: float | None, accel: str | None, cold: bool | None,
         env_items: tuple[str, ...], secret_items: tuple[str, ...], config_path: Path | None,
         gitlab_ci: Path | None,
         workflow: Path | None, pipeline: bool, only: bool, parallel: int,
@@ -115,7 +117,8 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
 
     try:
         cfg = config_mod.load(config_path).with_vm(
-            vcpus=vcpus, memory_mib=memory_mib, timeout=timeout, grace=grace, accel=accel)
+            vcpus=vcpus, memory_mib=memory_mib, timeout=timeout, grace=grace, accel=accel,
+            start="cold" if cold else None)
         root = check_workspace(workspace)
         settings = run_settings(cfg, parse_env(env_items), timeout is not None,
                                 parse_secrets(secret_items, root))
@@ -156,7 +159,7 @@ def _run_command(root: Path, cfg: config_mod.Config, settings: RunSettings,
     from kata_ci.executors.provider import open_provider
     from kata_ci.runner.core.lifecycle import run_job, terminate_as_interrupt
 
-    provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size)
+    provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size, cfg.vm.start)
     spec = settings.spec("command", Commands([Command(command)]),
                          job_env(settings.env, settings.secrets, term=settings.term), root)
     with checkout_lock(root), terminate_as_interrupt():
@@ -188,7 +191,7 @@ def _run_ci(root: Path, cfg: config_mod.Config, settings: RunSettings, gitlab_ci
         target = choose(found, names, pipeline)
         cancel = Cancel()
         plan = plan_for(found, target, names, only, root, user, settings, cancel)
-        provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size)
+        provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size, cfg.vm.start)
         with terminate_as_interrupt():
             return run_selected(plan, provider, parallel, cancel, err)
 
@@ -202,7 +205,9 @@ def images() -> None:
 @click.option("--mirror", help="Debian mirror for the rootfs (default: the host's apt mirror).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path))
 def images_build(mirror: str | None, config_path: Path | None) -> None:
-    """Build what is missing; unchanged inputs are reused from the cache."""
+    """Build what is missing; unchanged inputs are reused from the cache. Then the VM
+    templates of the configured sizes ([vm] and [labels.*]) when snapshots are possible."""
+    from kata_ci.executors.provider import open_provider
     from kata_ci.images.build import build_all
 
     try:
@@ -210,9 +215,16 @@ def images_build(mirror: str | None, config_path: Path | None) -> None:
         with err.status("building guest images") as status:
             manifest = build_all(paths.cache_dir(), lambda m: status.update(m),
                                  mirror or cfg.images.mirror or None)
+            status.update("VM templates")
+            provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size, cfg.vm.start)
+            keys = provider.prepare(config_mod.vm_sizes(cfg))
     except KataCIError as exc:
         _fail(exc, 1)
     _show_manifest(manifest)
+    if keys:
+        err.print(f"VM templates ready: {', '.join(keys)}")
+    else:
+        err.print(f"no VM templates: every VM boots cold ({escape(provider.why)})")
 
 
 @images.command("show")

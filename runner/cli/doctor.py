@@ -6,15 +6,20 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from kata_ci import paths
 from kata_ci.errors import KataCIError
+from kata_ci.executors.base import Accel, VMSpec
 from kata_ci.executors.qemu.accel import choose
 from kata_ci.executors.qemu.argv import QEMU
 from kata_ci.executors.qemu.confine import CGROUP_ROOT, SERVICE_USER, qemu_identity
+from kata_ci.executors.templates import TemplateStore
+from kata_ci.images.artifacts import Manifest
 from kata_ci.images.build import load_current
 from kata_ci.images.kernel import SOURCE_TARBALL
+from kata_ci.runner.core import config as config_mod
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -78,7 +83,35 @@ def _images_and_accel() -> list[Check]:
     else:
         checks.append(Check("acceleration", "warn",
                             f"TCG software emulation (slower): {decision.reason}"))
-    return checks
+    return [*checks, _start_mode(manifest, decision.accel)]
+
+
+def _start_mode(manifest: Manifest, accel: Accel) -> Check:
+    """Snapshot or cold start, and why; which template the default VM size restores."""
+    from kata_ci.executors.qemu.backend import QemuBackend
+    from kata_ci.executors.qemu.snapshot import MIN_QEMU, MIN_VIRTIOFSD, describe
+
+    try:
+        cfg = config_mod.load()
+    except KataCIError as exc:
+        return Check("start", "fail", str(exc))
+    backend = QemuBackend(accel, paths.run_dir(), Path(manifest.tools.path))
+    problem = backend.snapshot_problem()
+    minimum = (f"needs QEMU >= {'.'.join(map(str, MIN_QEMU))} and virtiofsd >= "
+               f"{'.'.join(map(str, MIN_VIRTIOFSD))}")
+    if problem is not None:
+        return Check("start", "warn", f"cold boot for every job: {problem}; snapshot start "
+                     f"{minimum} (scripts/setup.sh installs QEMU from bookworm-backports)")
+    if cfg.vm.start == "cold":
+        return Check("start", "ok", f"cold boot: {cfg.source} sets vm.start = \"cold\"")
+    base = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
+                  rootfs=Path(manifest.rootfs.path), vcpus=cfg.vm.vcpus,
+                  memory_mib=cfg.vm.memory_mib, workspace=Path("/"))
+    key = backend.template_key(base)
+    ready = TemplateStore(paths.cache_dir() / "templates").find(key) is not None
+    state = "ready" if ready else "built by the first job or `kata-ci images build`"
+    return Check("start", "ok", f"snapshot restore ({describe()}); template {key} for "
+                 f"{cfg.vm.vcpus} vCPU / {cfg.vm.memory_mib} MiB: {state}")
 
 
 def _run_dir() -> Check:

@@ -12,6 +12,7 @@ unknown key or a wrong type is a UserError naming the file and key.
     boot_timeout = 60  # seconds for the guest agent to answer after the VM starts
     accel = "auto"     # auto | kvm | tcg
     max_file_mib = 16384  # no file in the workspace grows past this; 0 = no bound
+    start = "snapshot" # snapshot: restore from a template where QEMU allows; cold: boot
 
     [images]
     mirror = ""        # Debian mirror for the rootfs; empty: the host's apt mirror
@@ -29,6 +30,7 @@ from typing import Any, Literal, get_args
 from kata_ci.errors import UserError
 
 AccelChoice = Literal["auto", "kvm", "tcg"]
+StartChoice = Literal["snapshot", "cold"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class VMConfig:
     # No file a job writes in the workspace grows past this (RLIMIT_FSIZE on the file
     # server: the guest gets EFBIG); 0 = no bound. Bounds one file, not the total.
     max_file_mib: int = 16384
+    # How a job's VM starts: restored from a booted template of its size (QEMU >= 9.0 and
+    # virtiofsd >= 1.11; else cold, `kata-ci doctor` says why), or always cold-booted.
+    start: StartChoice = "snapshot"
 
     @property
     def max_file_size(self) -> int | None:
@@ -62,6 +67,8 @@ class VMConfig:
             problems.append(f"boot_timeout must be > 0, not {self.boot_timeout}")
         if self.max_file_mib < 0:
             problems.append(f"max_file_mib must be >= 0 (0 = no bound), not {self.max_file_mib}")
+        if self.start not in get_args(StartChoice):
+            problems.append(f"start must be snapshot or cold, not {self.start!r}")
         if self.accel not in get_args(AccelChoice):
             problems.append(f"accel must be one of auto, kvm, tcg, not {self.accel!r}")
         if problems:
@@ -179,3 +186,13 @@ def _section(path: Path, name: str, cls: type[Any], table: Any) -> Any:
             raise UserError(f"{path}: {name}.{key} must be {want.__name__}, "
                             f"not {type(value).__name__}")
     return cls(**{k: float(v) if known[k].type == "float" else v for k, v in table.items()})
+
+
+def vm_sizes(config: Config, labels: list[str] | None = None) -> list[tuple[int, int]]:
+    """(vcpus, memory_mib) of the default VM and of each label's (all, or ``labels``)."""
+    sizes = [(config.vm.vcpus, config.vm.memory_mib)]
+    for label, size in config.labels.items():
+        if labels is None or label in labels:
+            sizes.append((size.get("vcpus", config.vm.vcpus),
+                          size.get("memory_mib", config.vm.memory_mib)))
+    return list(dict.fromkeys(sizes))

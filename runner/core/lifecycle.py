@@ -137,7 +137,9 @@ def _prepare(spec: JobSpec, provider: VMProvider, cancel: Cancel) -> VM:
     def watch() -> None:
         while not booted.wait(0.2):
             if cancel.is_set() and booting:
-                booting[0].kill()
+                # Every VM the provider made: a failed restore is followed by a cold boot.
+                for vm in list(booting):
+                    vm.kill()
                 return
 
     watcher = threading.Thread(target=watch, name="kata-ci-boot-cancel", daemon=True)

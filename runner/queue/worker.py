@@ -26,7 +26,7 @@ from kata_ci.errors import KataCIError, SystemFailure, UserError
 from kata_ci.executors.provider import VMProvider, open_provider
 from kata_ci.procs import pid_alive
 from kata_ci.runner.core.command import Cancel
-from kata_ci.runner.core.config import Config
+from kata_ci.runner.core.config import Config, vm_sizes
 from kata_ci.runner.core.env import job_env
 from kata_ci.runner.core.lifecycle import run_job
 from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
@@ -185,7 +185,15 @@ def start_worker(config: Config, labels: list[str], concurrency: int) -> None:
     # Images and acceleration once per worker, not per job: a worker without images refuses
     # to start instead of failing every job it takes.
     provider = open_provider(config.vm.accel, lambda m: log.warning("%s", m),
-                             config.vm.max_file_size)
+                             config.vm.max_file_size, config.vm.start)
+    # Templates before the first job, so that it starts as fast as the rest.
+    try:
+        for key in provider.prepare(vm_sizes(config, labels)):
+            log.info("VM template %s ready", key)
+    except KataCIError as exc:  # jobs try again, and boot cold if it keeps failing
+        log.warning("VM templates not built: %s", exc)
+    if provider.why:
+        log.warning("VMs boot cold: %s", provider.why)
     daemon = Daemon(config, store, name, provider)
     app = make_app(config.queue.broker, config.queue.max_job_timeout)
     for job_id in daemon.reap():

@@ -3,6 +3,10 @@ missing image fails these tests rather than skipping them, so CI cannot pass vac
 
 ``vm_factory`` owns teardown (like firecracker's tests/framework): every VM it made is killed
 after the test, and when the test failed, each VM's console and backend logs are printed.
+
+Start mode: like `kata-ci run`, from the config ($KATA_CI_CONFIG, ``[vm] start``). In snapshot
+mode (the default) every VM with a workspace is restored from its size's template, built on
+first use; scripts/test.sh runs a smoke subset again with start = "cold".
 """
 
 from __future__ import annotations
@@ -19,10 +23,13 @@ import pytest
 
 from kata_ci import paths
 from kata_ci.executors.base import VMSpec
+from kata_ci.executors.provider import SnapshotProvider
 from kata_ci.executors.qemu.accel import choose
 from kata_ci.executors.qemu.backend import QemuBackend, QemuVM
+from kata_ci.executors.templates import TemplateStore
 from kata_ci.images.artifacts import Manifest
 from kata_ci.images.build import load_current
+from kata_ci.runner.core import config as config_mod
 
 KATA_CI = [sys.executable, "-m", "kata_ci.runner.cli"]
 
@@ -47,18 +54,38 @@ def backend(manifest: Manifest, run_root: Path) -> QemuBackend:
 
 
 VMFactory = Callable[..., QemuVM]
+MakeVM = Callable[[VMSpec], QemuVM]
+
+
+@pytest.fixture(scope="session")
+def make_vm(backend: QemuBackend, manifest: Manifest) -> MakeVM:
+    """A VM for ``spec``, not started: restored from a template (snapshot mode, workspace
+    given, snapshots possible here) or cold-booted."""
+    snapshots = config_mod.load().vm.start == "snapshot" and backend.snapshot_problem() is None
+    base = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
+                  rootfs=Path(manifest.rootfs.path))
+    provider = SnapshotProvider(backend, base, TemplateStore(paths.cache_dir() / "templates"),
+                                lambda message: print(message, file=sys.stderr))
+
+    def make(spec: VMSpec) -> QemuVM:
+        if not snapshots or spec.workspace is None:
+            return backend.create(spec)
+        template = provider.template(spec)
+        return backend.restore(spec, template.file)
+
+    return make
 
 
 @pytest.fixture
 def vm_factory(request: pytest.FixtureRequest, manifest: Manifest,
-               backend: QemuBackend) -> Iterator[VMFactory]:
+               make_vm: MakeVM) -> Iterator[VMFactory]:
     made: list[QemuVM] = []
 
     def make(workspace: Path | None = None, **kw: object) -> QemuVM:
         spec = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
                       rootfs=Path(manifest.rootfs.path), workspace=workspace,
                       **kw)  # type: ignore[arg-type]
-        vm = backend.create(spec)
+        vm = make_vm(spec)
         made.append(vm)
         vm.start(timeout=120)
         return vm

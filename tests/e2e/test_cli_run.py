@@ -99,7 +99,7 @@ def test_vm_killed_mid_job_is_a_system_failure(tmp_path: Path, cli_env: dict[str
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 125, err
     assert b"system failure" in err
-    assert b"kata-ci-agent: serving" in err  # the guest console tail is part of the report
+    assert b"kata-ci-agent: " in err  # the guest console tail is part of the report
     assert leftovers(cli_env) == []
 
 
@@ -182,8 +182,8 @@ def test_agent_missing_its_deadline_is_a_system_failure(
         tmp_path: Path, cli_env: dict[str, str]) -> None:
     """A guest agent that does not answer within boot_timeout: 125, console tail, no leftovers."""
     config = tmp_path / "config.toml"
-    config.write_text("[vm]\nboot_timeout = 0.5\n")
+    config.write_text("[vm]\nboot_timeout = 0.05\n")  # below a restore, too
     result = kata_ci_run(["--config", str(config), "--", "true"], cli_env, tmp_path)
     assert result.returncode == 125, result.stderr
-    assert b"system failure" in result.stderr and b"within 0.5s" in result.stderr
+    assert b"system failure" in result.stderr and b"within 0.05s" in result.stderr
     assert leftovers(cli_env) == []

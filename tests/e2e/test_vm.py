@@ -12,6 +12,7 @@ import pytest
 
 from kata_ci.executors.qemu.backend import QemuVM
 from kata_ci.images.artifacts import Manifest
+from tests.e2e.conftest import MakeVM
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -27,12 +28,12 @@ def share(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def vm(request: pytest.FixtureRequest, share: Path, manifest: Manifest,
-       backend: object) -> Iterator[QemuVM]:
+       make_vm: MakeVM) -> Iterator[QemuVM]:
     from kata_ci.executors.base import VMSpec
 
     spec = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
                   rootfs=Path(manifest.rootfs.path), workspace=share / "ws")
-    machine = backend.create(spec)  # type: ignore[attr-defined]
+    machine = make_vm(spec)
     failed_before = request.session.testsfailed
     try:
         machine.start(timeout=120)

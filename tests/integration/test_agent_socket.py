@@ -212,3 +212,28 @@ def test_file_rpcs_refuse_relative_paths_and_oversize(
         client.put_files({str(tmp_path / "c"): b"x" * (5 << 20)})
     with pytest.raises(SystemFailure, match="relative path"):
         client.get_files(["rel"], 10)
+
+
+def test_mount_takes_one_absolute_path_once(agent: tuple[AgentClient, threading.Event],
+                                            tmp_path: Path) -> None:
+    """Mount refuses a relative path, and any call after the first (whatever became of it):
+    a job's workspace cannot be swapped under it."""
+    client, _ = agent
+    with pytest.raises(SystemFailure, match="INVALID_ARGUMENT"):
+        client.mount("relative/ws", timeout=10)
+    with pytest.raises(SystemFailure):  # no kata-ci-mount outside a guest: it fails here
+        client.mount(str(tmp_path / "ws"), timeout=10)
+    with pytest.raises(SystemFailure, match="called before"):
+        client.mount(str(tmp_path / "other"), timeout=10)
+
+
+def test_health_refuses_oversized_entropy(agent: tuple[AgentClient, threading.Event]) -> None:
+    """The entropy a Health call carries is bounded (agent.proto: at most 512 bytes)."""
+    import grpc
+
+    from kata_ci.guest import agent_pb2 as pb
+
+    client, _ = agent
+    with pytest.raises(grpc.RpcError) as caught:
+        client._stub.Health(pb.HealthRequest(entropy=b"x" * 513), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

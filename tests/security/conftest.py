@@ -4,6 +4,7 @@
 from tests.e2e.conftest import (  # noqa: F401  (pytest finds fixtures by name)
     backend,
     cli_env,
+    make_vm,
     manifest,
     run_root,
     vm_factory,

@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from kata_ci.executors.base import VMSpec
-from kata_ci.executors.qemu.argv import VMPaths, kernel_cmdline, qemu_argv, virtiofsd_argv
+from kata_ci.executors.qemu.argv import (
+    SNAPSHOT_URI,
+    VMPaths,
+    kernel_cmdline,
+    qemu_argv,
+    snapshot_args,
+    virtiofsd_argv,
+)
 
 PATHS = VMPaths(Path("/run/kata-ci/abc123"))
 
@@ -69,10 +76,21 @@ def test_agent_port_is_a_named_virtserialport_on_a_server_socket() -> None:
             in option_after(argv, "-device"))
 
 
-def test_workdir_with_spaces_is_percent_encoded_on_cmdline() -> None:
-    """The kernel splits its command line on spaces: the workdir is percent-encoded."""
-    line = kernel_cmdline(spec(workspace=Path("/home/me/my project%")))
-    assert "kataci.workdir=/home/me/my%20project%25" in line.split()
+def test_kernel_cmdline_names_nothing_of_the_job() -> None:
+    """A snapshot freezes the command line: the workspace path never appears on it (the
+    agent's Mount RPC carries it), so two jobs' VMs get the same line."""
+    one = kernel_cmdline(spec(workspace=Path("/home/me/my project")))
+    assert one == kernel_cmdline(spec(workspace=Path("/srv/other")))
+    assert "workdir" not in one and "/home/me" not in one
+
+
+def test_snapshot_file_is_an_inherited_read_only_fdset() -> None:
+    """QEMU reaches the snapshot only through the descriptor kata-ci opened (its identity
+    cannot open the cache); a restore waits for migrate-incoming instead of booting."""
+    assert snapshot_args(9, restore=True) == [
+        "-add-fd", "fd=9,set=1,opaque=kata-ci-snapshot", "-incoming", "defer"]
+    assert snapshot_args(9, restore=False) == ["-add-fd", "fd=9,set=1,opaque=kata-ci-snapshot"]
+    assert SNAPSHOT_URI == "file:/dev/fdset/1"
 
 
 def test_kernel_cmdline_reboot_ends_vm() -> None:
