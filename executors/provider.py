@@ -107,7 +107,10 @@ class SnapshotProvider(ColdBootProvider):
         super().__init__(backend, base)
         self.store = store
         self.notify = notify
-        self.unbuildable: dict[str, str] = {}  # key -> why: tried once per process
+        # Per process: a template that cannot be built is tried once; one rebuilt after a
+        # failed restore that fails again is not built again (jobs boot cold, said once each).
+        self.unbuildable: dict[str, str] = {}
+        self.restore_failures: dict[str, int] = {}
 
     def acquire(self, request: VMRequest, on_created: Callable[[VM], None]) -> VM:
         spec = self.spec(request)
@@ -120,6 +123,9 @@ class SnapshotProvider(ColdBootProvider):
             return self._start(self.backend.restore(spec, template.file), request, on_created)
         except RestoreFailed as exc:
             self.store.discard(template)
+            self.restore_failures[template.key] = self.restore_failures.get(template.key, 0) + 1
+            if self.restore_failures[template.key] >= 2:  # not the file: this host, for now
+                self.unbuildable[template.key] = f"restores keep failing: {exc.args[0]}"
             self.notify(f"could not restore the VM from its template ({exc.args[0]}); "
                         "booting cold, the template is rebuilt for the next job")
         return super().acquire(request, on_created)

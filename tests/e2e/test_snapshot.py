@@ -148,3 +148,43 @@ def test_file_server_failing_at_restore_is_a_clear_system_failure_leaving_nothin
     assert b"never" not in done.stdout
     assert "virtiofsd" in done.stderr.decode()
     assert leftovers(env) == []
+
+
+def test_a_host_where_restores_keep_failing_stops_rebuilding_templates(
+        tmp_path: Path, manifest: Manifest, backend: QemuBackend) -> None:
+    """When a rebuilt template fails to restore again, the provider stops building templates
+    of that size for its life: later jobs boot cold at once instead of paying a build each."""
+    from kata_ci.executors.provider import SnapshotProvider, VMRequest
+    from kata_ci.executors.templates import TemplateStore
+
+    notes: list[str] = []
+    store = TemplateStore(tmp_path / "templates")
+    base = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
+                  rootfs=Path(manifest.rootfs.path))
+    provider = SnapshotProvider(backend, base, store, notes.append)
+    (tmp_path / "ws").mkdir()
+    request = VMRequest(tmp_path / "ws", None, 2, 1024, 120)
+
+    def job() -> bool:
+        vm = provider.acquire(request, lambda vm: None)
+        restored = "could not restore" not in (notes[-1] if notes else "")
+        provider.release(vm, graceful=True)
+        return restored
+
+    def damage() -> None:
+        for snap in store.root.glob("*/vm.snap"):
+            with snap.open("r+b") as handle:
+                handle.write(os.urandom(4096))
+
+    assert job()  # builds the template, restores from it
+    for _ in range(2):
+        damage()
+        notes.clear()
+        assert not job()  # a failed restore: cold boot, template discarded
+        assert list(store.root.glob("*/vm.snap")) == []
+        if _ == 0:
+            assert job()  # rebuilt, restores again
+    notes.clear()
+    job()
+    assert list(store.root.glob("*/vm.snap")) == []  # not built a third time
+    assert any("restores keep failing" in note for note in notes)
