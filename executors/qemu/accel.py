@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kata_ci.errors import SystemFailure, UserError
 from kata_ci.executors.base import Accel, VMSpec
-from kata_ci.executors.qemu.argv import QEMU
+from kata_ci.executors.qemu.snapshot import qemu_version
 from kata_ci.images.artifacts import Manifest, hash_inputs
 
 PROBE_TIMEOUT = 10.0
@@ -44,11 +43,7 @@ def _host_key(manifest: Manifest) -> str:
         boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         boot_id = "unknown"
-    try:
-        qemu = subprocess.run([QEMU, "--version"], capture_output=True, text=True,
-                              timeout=10).stdout.split("\n")[0]
-    except (OSError, subprocess.TimeoutExpired):
-        qemu = "missing"
+    qemu = qemu_version() or "missing"
     return hash_inputs([boot_id, qemu, manifest.kernel.sha256, manifest.initramfs.sha256])
 
 

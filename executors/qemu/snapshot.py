@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -32,24 +33,19 @@ MIN_VIRTIOFSD = (1, 11)
 
 
 @functools.cache
-def qemu_version(program: str = QEMU) -> str:
-    """QEMU's first ``--version`` line (with the distribution's revision), or ''."""
-    try:
-        out = subprocess.run([program, "--version"], capture_output=True, text=True,
-                             timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return out.split("\n")[0].strip()
-
-
-@functools.cache
-def virtiofsd_version(program: str) -> str:
+def version_line(program: str) -> str:
+    """The first line ``program --version`` prints (QEMU's carries the distribution's
+    revision), or '' when it does not run. Once per process and program."""
     try:
         out = subprocess.run([program, "--version"], capture_output=True, text=True,
                              timeout=10).stdout
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return out.strip().split("\n")[0]
+
+
+def qemu_version() -> str:
+    return version_line(QEMU)
 
 
 def _numbers(text: str) -> tuple[int, ...]:
@@ -65,7 +61,7 @@ def snapshot_problem(tools: Path) -> str | None:
     if _numbers(qemu) < MIN_QEMU:
         return (f"{qemu.split('(')[0].strip()} is older than {'.'.join(map(str, MIN_QEMU))} "
                 "(needed: vhost-user-fs migration, mapped-ram, fd-passed snapshot files)")
-    fsd = virtiofsd_version(str(tools / "bin" / "virtiofsd"))
+    fsd = version_line(str(tools / "bin" / "virtiofsd"))
     if _numbers(fsd) < MIN_VIRTIOFSD:
         return (f"virtiofsd {fsd or 'missing'} is older than "
                 f"{'.'.join(map(str, MIN_VIRTIOFSD))} (needed: its state in snapshots)")
@@ -97,13 +93,11 @@ def template_key(spec: VMSpec, accel: Accel, tsc_khz: int | None, tools: Path) -
     argv = qemu_argv(template_spec(spec, Path("/workspace")), VMPaths(Path("template")), accel,
                      tsc_khz=tsc_khz, files=files, in_run_dir=True) + snapshot_args(3, True)
     binary = _binary_identity()
-    fsd = virtiofsd_version(str(tools / "bin" / "virtiofsd"))
+    fsd = version_line(str(tools / "bin" / "virtiofsd"))
     return hash_inputs([RECIPE, qemu_version(), binary, fsd, *argv])
 
 
 def _binary_identity() -> str:
-    import shutil
-
     found = shutil.which(QEMU)
     if not found:
         return "missing"
