@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Literal
 
 from kata_ci.executors.agent_client import AgentClient
+from kata_ci.executors.network.policy import NONE, NetworkPolicy
 
 Accel = Literal["kvm", "tcg"]
 
@@ -28,7 +29,7 @@ class VMSpec:
     memory_mib: int = 1024
     workspace: Path | None = None  # shared over virtio-fs; nothing else of the host is
     guest_workdir: str | None = None  # where the workspace appears; default: same path
-    network: Literal["none"] = "none"  # only isolation so far; no NIC at all
+    network: NetworkPolicy = NONE  # mode none: no NIC at all
     overlay_size: str = "50%"  # tmpfs upper layer over the read-only rootfs
     max_file_size: int | None = None  # bytes; no file the guest writes in the workspace grows past
     extra_kernel_args: tuple[str, ...] = field(default=())
@@ -58,12 +59,15 @@ class BootTimes:
     guest_uptime_at_health: float
     guest_agent_started: float  # guest uptime when the agent process began
     restored: bool = False  # from a snapshot (then guest uptime counts from the template)
+    network_setup: float = 0.0  # host: the VM's network namespace, before QEMU started
+    uplink_wait: float = 0.0  # host: waiting for pasta after the agent answered
 
 
 class VM(abc.ABC):
     """One microVM. ``kill`` is idempotent and never raises; use it as a context manager."""
 
     id: str
+    boot_times: BootTimes | None = None  # set by the provider once started (benchmarks)
 
     @abc.abstractmethod
     def start(self, timeout: float) -> BootTimes:

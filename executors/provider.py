@@ -18,6 +18,7 @@ from typing import Literal
 from kata_ci import paths
 from kata_ci.errors import RestoreFailed, SystemFailure
 from kata_ci.executors.base import VM, Backend, VMSpec
+from kata_ci.executors.network.policy import NONE, NetworkPolicy
 from kata_ci.executors.templates import Template, TemplateStore
 from kata_ci.images.build import load_current
 
@@ -36,7 +37,7 @@ class VMRequest:
     vcpus: int
     memory_mib: int
     boot_timeout: float
-    network: Literal["none"] = "none"
+    network: NetworkPolicy = NONE
 
 
 class VMProvider(abc.ABC):
@@ -70,7 +71,7 @@ class ColdBootProvider(VMProvider):
     def acquire(self, request: VMRequest, on_created: Callable[[VM], None]) -> VM:
         return self._start(self.backend.create(self.spec(request)), request, on_created)
 
-    def prepare(self, sizes: list[tuple[int, int]]) -> list[str]:
+    def prepare(self, sizes: list[tuple[int, int, bool]]) -> list[str]:
         """Ahead of need (worker start, `images build`): nothing to do for cold boots."""
         return []
 
@@ -78,7 +79,7 @@ class ColdBootProvider(VMProvider):
     def _start(vm: VM, request: VMRequest, on_created: Callable[[VM], None]) -> VM:
         try:
             on_created(vm)
-            vm.start(request.boot_timeout)
+            vm.boot_times = vm.start(request.boot_timeout)
         except BaseException:
             vm.kill()
             raise
@@ -147,11 +148,13 @@ class SnapshotProvider(ColdBootProvider):
             self.unbuildable[key] = exc.args[0]
             raise
 
-    def prepare(self, sizes: list[tuple[int, int]]) -> list[str]:
+    def prepare(self, sizes: list[tuple[int, int, bool]]) -> list[str]:
+        """(vcpus, memory_mib, NIC) of each VM kind to come: their templates, built now."""
         keys = []
-        for vcpus, memory in dict.fromkeys(sizes):
+        for vcpus, memory, nic in dict.fromkeys(sizes):
+            network = NetworkPolicy(mode="egress") if nic else NONE
             spec = dataclasses.replace(self.base, vcpus=vcpus, memory_mib=memory,
-                                       workspace=Path("/"))
+                                       workspace=Path("/"), network=network)
             keys.append(self.template(spec).key)
         return keys
 

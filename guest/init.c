@@ -26,7 +26,10 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -143,6 +146,97 @@ static void loopback_up(void) {
     close(fd);
 }
 
+static void write_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) { say("%s: %s", path, strerror(errno)); return; }
+    if (write(fd, text, strlen(text)) < 0) say("%s: %s", path, strerror(errno));
+    close(fd);
+}
+
+/* linux/ipv6.h's in6_ifreq; that header clashes with glibc's netinet/in.h. */
+struct in6_ifreq {
+    struct in6_addr ifr6_addr;
+    unsigned int ifr6_prefixlen;
+    int ifr6_ifindex;
+};
+
+/* Split "ADDR/LEN,GATEWAY" in place; 0 when malformed. */
+static int split_net(char *value, char **addr, int *len, char **gateway) {
+    char *slash = strchr(value, '/'), *comma = strchr(value, ',');
+    if (!slash || !comma || comma < slash) return 0;
+    *slash = *comma = 0;
+    *addr = value;
+    *len = atoi(slash + 1);
+    *gateway = comma + 1;
+    return 1;
+}
+
+/*
+ * The job's NIC (network = egress | allowlist): eth0 gets the same fixed addresses in every
+ * VM, from kataci.ip4=ADDR/LEN,GW and kataci.ip6=ADDR/LEN,GW (executors/network/policy.py).
+ * Every VM has a network namespace of its own on the host, so equal addresses never meet;
+ * being fixed, they survive a snapshot restore. The gateway is kata-ci's end of the link,
+ * where its resolver answers; the policy is enforced there, outside the guest.
+ * No DAD and no router advertisements: the link has exactly two ends, both known.
+ */
+static void network_up(void) {
+    char v4[128], v6[128], *addr, *gw;
+    int len;
+    if (!option("ip4", v4, sizeof v4)) return;
+    write_file("/proc/sys/net/ipv6/conf/eth0/accept_dad", "0");
+    write_file("/proc/sys/net/ipv6/conf/eth0/accept_ra", "0");
+    write_file("/proc/sys/net/ipv6/conf/eth0/autoconf", "0");
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strcpy(ifr.ifr_name, "eth0");
+    if (fd < 0 || ioctl(fd, SIOCGIFINDEX, &ifr) != 0) { say("no eth0: %s", strerror(errno)); return; }
+    int index = ifr.ifr_ifindex;
+    char resolv[512] = "";
+    if (split_net(v4, &addr, &len, &gw)) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+        sin->sin_family = AF_INET;
+        inet_pton(AF_INET, addr, &sin->sin_addr);
+        if (ioctl(fd, SIOCSIFADDR, &ifr) != 0) say("eth0 address: %s", strerror(errno));
+        sin->sin_addr.s_addr = len ? htonl(~0u << (32 - len)) : 0;
+        if (ioctl(fd, SIOCSIFNETMASK, &ifr) != 0) say("eth0 netmask: %s", strerror(errno));
+        ioctl(fd, SIOCGIFFLAGS, &ifr);
+        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+        if (ioctl(fd, SIOCSIFFLAGS, &ifr) != 0) say("eth0 up: %s", strerror(errno));
+        struct rtentry rt;
+        memset(&rt, 0, sizeof rt);
+        ((struct sockaddr_in *)&rt.rt_dst)->sin_family = AF_INET;
+        ((struct sockaddr_in *)&rt.rt_genmask)->sin_family = AF_INET;
+        struct sockaddr_in *gsin = (struct sockaddr_in *)&rt.rt_gateway;
+        gsin->sin_family = AF_INET;
+        inet_pton(AF_INET, gw, &gsin->sin_addr);
+        rt.rt_flags = RTF_UP | RTF_GATEWAY;
+        if (ioctl(fd, SIOCADDRT, &rt) != 0) say("IPv4 default route: %s", strerror(errno));
+        snprintf(resolv, sizeof resolv, "nameserver %s\n", gw);
+    }
+    close(fd);
+    int fd6 = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd6 >= 0 && option("ip6", v6, sizeof v6) && split_net(v6, &addr, &len, &gw)) {
+        struct in6_ifreq req;
+        memset(&req, 0, sizeof req);
+        inet_pton(AF_INET6, addr, &req.ifr6_addr);
+        req.ifr6_prefixlen = (unsigned)len;
+        req.ifr6_ifindex = index;
+        if (ioctl(fd6, SIOCSIFADDR, &req) != 0) say("eth0 IPv6 address: %s", strerror(errno));
+        struct in6_rtmsg rt6;
+        memset(&rt6, 0, sizeof rt6);
+        inet_pton(AF_INET6, gw, &rt6.rtmsg_gateway);
+        rt6.rtmsg_flags = RTF_UP | RTF_GATEWAY;
+        rt6.rtmsg_metric = 1;
+        rt6.rtmsg_ifindex = index;
+        if (ioctl(fd6, SIOCADDRT, &rt6) != 0) say("IPv6 default route: %s", strerror(errno));
+        size_t n = strlen(resolv);
+        snprintf(resolv + n, sizeof resolv - n, "nameserver %s\n", gw);
+    }
+    if (fd6 >= 0) close(fd6);
+    write_file("/etc/resolv.conf", resolv);
+}
+
 static void set_oom_score_adj(const char *value) {
     int fd = open("/proc/self/oom_score_adj", O_WRONLY);
     if (fd >= 0) {
@@ -205,6 +299,7 @@ int main(int argc, char **argv_in) {
     if (chroot(".") != 0 || chdir("/") != 0) die("chroot");
     sethostname("kata-ci", 7);
     loopback_up();
+    network_up();
 
     char transport[64] = "serial";
     option("transport", transport, sizeof transport);

@@ -57,7 +57,9 @@ def dropped_options(wanted: dict[str, str], final_config: str) -> list[str]:
         match = _OPTION.match(line)
         if match:
             have[match.group(1)] = match.group(2)
-    return [f"{k}={v} (got {have.get(k, 'unset')})" for k, v in wanted.items() if have.get(k) != v]
+    # "=n" is met by an option Kconfig leaves unset ("# CONFIG_X is not set").
+    return [f"{k}={v} (got {have.get(k, 'unset')})" for k, v in wanted.items()
+            if have.get(k, "n") != v]
 
 
 def source_version() -> str:

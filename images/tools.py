@@ -2,6 +2,9 @@
 
 - ``bin/kata-ci-jail``, compiled from executors/jail/jail.c: cgroups, identity drop,
   no_new_privs, rlimits and the no-setid seccomp filter before exec (see that file).
+- ``bin/pasta``: passt's namespace mode from Debian trixie: a VM namespace's way out to the
+  host's network (executors/network/netns.py). Bookworm's 2023 build drops to ``nobody``
+  before joining a namespace, so it cannot serve a root-owned one.
 - ``bin/virtiofsd``: virtiofsd 1.13 from Debian trixie. Debian 12's QEMU ships only the C
   virtiofsd, removed upstream in QEMU 8.0, without uid/gid mapping or capability control.
   The trixie binary needs glibc 2.39 (bookworm has 2.36), so it runs through trixie's own
@@ -32,9 +35,9 @@ from kata_ci.images.artifacts import (
     mark_done,
 )
 
-RECIPE = "tools-v1"
+RECIPE = "tools-v2"
 SUITE = "trixie"
-PACKAGES = ("virtiofsd", "libc6")
+PACKAGES = ("virtiofsd", "passt", "libc6")
 SYSTEM_TOOLS = Path("/usr/local/lib/kata-ci/tools")
 ARCH_LIB = "usr/lib/x86_64-linux-gnu"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
@@ -115,16 +118,21 @@ def _fetch_virtiofsd(out: Path, mirror: str, progress: Progress) -> str:
     lib = out / "libc" / ARCH_LIB
     if not binary.is_file() or not (lib / "ld-linux-x86-64.so.2").is_file():
         raise BuildError(f"the {SUITE} packages did not contain virtiofsd and its loader")
-    wrapper = out / "bin" / "virtiofsd"
-    wrapper.write_text(
-        "#!/bin/sh\n# virtiofsd from Debian trixie, through trixie's loader and libc "
-        "(images/tools.py)\n"
-        f'exec {lib}/ld-linux-x86-64.so.2 --library-path {lib}:/lib/x86_64-linux-gnu '
-        f'{binary} "$@"\n')
-    os.chmod(wrapper, 0o755)
-    check = subprocess.run([str(wrapper), "--version"], capture_output=True, text=True)
-    if check.returncode != 0:
-        raise BuildError(f"virtiofsd from {SUITE} does not start: {check.stderr.strip()}")
+    pasta = out / "root" / "usr" / "bin" / "pasta"
+    if not pasta.is_file():
+        raise BuildError(f"the {SUITE} packages did not contain pasta")
+    for name, program in (("virtiofsd", binary), ("pasta", pasta)):
+        wrapper = out / "bin" / name
+        wrapper.write_text(
+            f"#!/bin/sh\n# {name} from Debian {SUITE}, through {SUITE}'s loader and libc "
+            "(images/tools.py)\n"
+            f'exec {lib}/ld-linux-x86-64.so.2 --library-path {lib}:/lib/x86_64-linux-gnu '
+            f'{program} "$@"\n')
+        os.chmod(wrapper, 0o755)
+        check = subprocess.run([str(wrapper), "--help" if name == "pasta" else "--version"],
+                               capture_output=True, text=True)
+        if check.returncode != 0:
+            raise BuildError(f"{name} from {SUITE} does not start: {check.stderr.strip()}")
     return "\n".join(versions) + "\n"
 
 

@@ -10,6 +10,7 @@ packages=(
   linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev  # kernel, init.c
   debootstrap e2fsprogs xz-utils                        # guest rootfs
   redis-server                                          # the queue broker (tests start their own)
+  nftables                                              # each VM's network policy
   python3 python3-venv python3-dev ca-certificates
 )
 missing=()

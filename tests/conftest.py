@@ -7,6 +7,7 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
+from tests import netlab
 from tests.integration.redis_server import RedisServer
 
 
@@ -25,3 +26,14 @@ def pytest_runtest_makereport(
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[netlab.Lab]:
+    """The network suite's test hosts (tests/netlab.py). Only in a namespace of its own: a
+    test that could send packets to a real address fails here instead."""
+    why_not = netlab.check_isolated()
+    if why_not is not None:
+        pytest.fail(f"the network suite must run isolated: {why_not}")
+    with netlab.lab() as world:
+        yield world

@@ -3,11 +3,14 @@
  * does: in its own cgroups, under an unprivileged identity, with no way to regain privileges,
  * killed when kata-ci dies, then exec the real program (same pid).
  *
- *   kata-ci-jail [--cgroup DIR]... [--uid N --gid N [--groups N,N...]] [--fsize BYTES]
- *                [--no-setid-files] -- PROGRAM ARGS...
+ *   kata-ci-jail [--cgroup DIR]... [--netns PATH] [--uid N --gid N [--groups N,N...]]
+ *                [--fsize BYTES] [--no-setid-files] -- PROGRAM ARGS...
  *
  * --cgroup DIR      join DIR (write our pid to DIR/cgroup.procs) before anything else runs,
  *                   so every byte the program allocates is charged to the VM's cgroup.
+ * --netns PATH      enter the network namespace bound at PATH (the VM's, made by kata-ci)
+ *                   while still privileged: QEMU then reaches only what that namespace's
+ *                   policy lets through (executors/network/netns.py), not the host's network.
  * --uid/--gid       drop to this identity after joining; supplementary groups are exactly
  *                   --groups (e.g. kvm for /dev/kvm), none without it.
  * --fsize BYTES     RLIMIT_FSIZE: no file the program writes grows past BYTES. SIGXFSZ is
@@ -30,6 +33,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <sched.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -122,6 +126,7 @@ static void no_setid_files(void) {
 int main(int argc, char **argv) {
     const char *cgroups[MAX_CGROUPS];
     int ncgroups = 0, setid_filter = 0;
+    const char *netns = NULL;
     long long uid = -1, gid = -1, fsize = -1;
     gid_t groups[MAX_GROUPS];
     size_t ngroups = 0;
@@ -133,6 +138,7 @@ int main(int argc, char **argv) {
         if (i + 1 >= argc) { fprintf(stderr, "kata-ci-jail: %s needs a value\n", a); return 125; }
         const char *v = argv[++i];
         if (strcmp(a, "--cgroup") == 0 && ncgroups < MAX_CGROUPS) cgroups[ncgroups++] = v;
+        else if (strcmp(a, "--netns") == 0) netns = v;
         else if (strcmp(a, "--uid") == 0) uid = atoll(v);
         else if (strcmp(a, "--gid") == 0) gid = atoll(v);
         else if (strcmp(a, "--fsize") == 0) fsize = atoll(v);
@@ -147,6 +153,12 @@ int main(int argc, char **argv) {
     if (i >= argc) { fprintf(stderr, "kata-ci-jail: no program\n"); return 125; }
 
     for (int c = 0; c < ncgroups; c++) join_cgroup(cgroups[c]);
+    if (netns) {
+        int fd = open(netns, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) die(netns);
+        if (setns(fd, CLONE_NEWNET) != 0) die("setns");
+        close(fd);
+    }
     struct rlimit no_core = {0, 0};
     if (setrlimit(RLIMIT_CORE, &no_core) != 0) die("RLIMIT_CORE");
     if (fsize >= 0) {

@@ -8,6 +8,7 @@ kernel and QEMU, so the probe runs (and is announced) once.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -89,3 +90,21 @@ def probe(manifest: Manifest, run_root: Path) -> AccelDecision:
         vm.kill()
     return AccelDecision("kvm", f"a guest booted under KVM in {times.agent_healthy:.2f}s",
                          fresh=True)
+
+
+@functools.cache
+def host_tsc_khz() -> int | None:
+    """The host TSC frequency, when the host has a constant TSC whose rate it knows.
+
+    TCG guests read the host TSC; they need this number to use it as their clocksource.
+    """
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
+    mhz = next((line.split(":")[1] for line in info.splitlines() if line.startswith("cpu MHz")),
+               "")
+    if "constant_tsc" not in flags or "tsc_known_freq" not in flags or not mhz.strip():
+        return None
+    return round(float(mhz) * 1000)

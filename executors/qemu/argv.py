@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kata_ci.executors.base import Accel, VMSpec
+from kata_ci.executors.network.policy import GATEWAY_V4, GATEWAY_V6, GUEST_MAC, GUEST_V4, GUEST_V6
 
 AGENT_PORT_NAME = "kataci.agent"  # /dev/virtio-ports/<name> in the guest (guest/transport.py)
 AGENT_PORT_ID = "agentport"  # QMP VSERPORT_CHANGE reports this id when the guest opens it
@@ -33,6 +34,7 @@ class GuestFiles:
     initramfs: str
     rootfs: str | None
     console: str
+    tap: str | None = None  # the VM's tap0, opened by kata-ci in the VM's network namespace
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class VMPaths:
     def virtiofsd_log(self) -> Path:
         return self.root / "virtiofsd.log"
 
+    @property
+    def pasta_log(self) -> Path:
+        return self.root / "pasta.log"
+
 
 def kernel_cmdline(spec: VMSpec, floor: bool = False, tsc_khz: int | None = None) -> str:
     """Guest kernel command line. Only kataci.* options for our init; never secrets, and
@@ -88,6 +94,9 @@ def kernel_cmdline(spec: VMSpec, floor: bool = False, tsc_khz: int | None = None
     else:
         words.append(f"kataci.overlay_size={spec.overlay_size}")
         words.append("kataci.transport=serial")
+        if spec.network.nic:  # the same in every VM (policy.py): a template may hold them
+            words.append(f"kataci.ip4={GUEST_V4},{GATEWAY_V4}")
+            words.append(f"kataci.ip6={GUEST_V6},{GATEWAY_V6}")
     words.extend(spec.extra_kernel_args)
     return " ".join(words)
 
@@ -152,6 +161,11 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False,
         # readonly=on: one image serves every VM at once; each guest writes to its own tmpfs.
         argv += ["-drive", f"id=root,file={files.rootfs},format=raw,if=none,readonly=on",
                  "-device", "virtio-blk-device,drive=root"]
+    if spec.network.nic:
+        # tap0 of the VM's network namespace, which QEMU runs in (executors/network/netns.py),
+        # passed open: QEMU's identity has no access to /dev/net/tun.
+        argv += ["-netdev", f"tap,id=net0,fd={files.tap}",
+                 "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}"]
     if spec.workspace is not None:
         argv += ["-chardev", f"socket,id=fs,path={paths.virtiofs}",
                  "-device", f"vhost-user-fs-device,chardev=fs,tag={WORKSPACE_TAG},queue-size=1024"]

@@ -7,7 +7,6 @@ removes all of it; ``orphans.reap_orphans`` removes what a dead owner left (kata
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -22,7 +21,10 @@ from pathlib import Path
 from kata_ci.errors import RestoreFailed, SystemFailure
 from kata_ci.executors.agent_client import AgentClient, VirtioSerialChannel
 from kata_ci.executors.base import VM, Accel, Backend, BootTimes, Capabilities, VMSpec
+from kata_ci.executors.network import netns
+from kata_ci.executors.network.netns import VMNetwork
 from kata_ci.executors.qemu import qmp, snapshot
+from kata_ci.executors.qemu.accel import host_tsc_khz
 from kata_ci.executors.qemu.argv import (
     GuestFiles,
     VMPaths,
@@ -45,24 +47,6 @@ from kata_ci.executors.qemu.orphans import RECORD
 # What the guest kernel prints when it stops for good while QEMU keeps running: without ACPI
 # a power-off is a halt (all vCPUs parked), and a halted guest answers nothing, ever.
 HALT_MARKERS = (b"reboot: System halted", b"reboot: Power down")
-
-
-@functools.cache
-def host_tsc_khz() -> int | None:
-    """The host TSC frequency, when the host has a constant TSC whose rate it knows.
-
-    TCG guests read the host TSC; they need this number to use it as their clocksource.
-    """
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
-    mhz = next((line.split(":")[1] for line in info.splitlines() if line.startswith("cpu MHz")),
-               "")
-    if "constant_tsc" not in flags or "tsc_known_freq" not in flags or not mhz.strip():
-        return None
-    return round(float(mhz) * 1000)
 
 
 @dataclass(frozen=True)
@@ -88,6 +72,7 @@ class QemuVM(VM):
         self._halted = ""
         self._console_tail = b""
         self._qemu: subprocess.Popen[bytes] | None = None
+        self._net: VMNetwork | None = None
         self._virtiofsd: subprocess.Popen[bytes] | None = None
         self._agent: AgentClient | None = None
         self._lock = threading.Lock()
@@ -113,7 +98,7 @@ class QemuVM(VM):
             else:
                 qmp.wait_agent_port(self.paths.qmp, deadline, self.check, lambda: (
                     f"guest agent did not open its channel within {self._boot_timeout:g}s"))
-            if self.snapshot is not None and not restoring:
+            if self._template:
                 return BootTimes(time.monotonic() - started, 0.0, 0.0)
             self._agent = AgentClient(VirtioSerialChannel(str(self.paths.agent)))
             reply = self._agent.health(max(0.1, deadline - time.monotonic()))
@@ -129,20 +114,31 @@ class QemuVM(VM):
             raise RestoreFailed(f"restore failed: {exc.args[0]}", self.diagnostics()) from None
         if self.spec.workdir is not None:
             self._agent.mount(self.spec.workdir, max(1.0, deadline - time.monotonic()))
-        return BootTimes(agent_healthy=time.monotonic() - started,
+        healthy = time.monotonic()
+        if self._net is not None:  # pasta came up meanwhile; the job's first packet needs it
+            self._net.wait_uplink(deadline)
+        return BootTimes(agent_healthy=healthy - started,
                          guest_uptime_at_health=reply.uptime_seconds,
-                         guest_agent_started=reply.agent_start_seconds, restored=restoring)
+                         guest_agent_started=reply.agent_start_seconds, restored=restoring,
+                         network_setup=self._net.setup_seconds if self._net else 0.0,
+                         uplink_wait=time.monotonic() - healthy)
 
     def save(self, timeout: float) -> None:
         """A template VM (``Snapshot(restore=False)``), started: stop it, write its state."""
         assert self.snapshot is not None and not self.snapshot.restore
         qmp.save_snapshot(self.paths.qmp, time.monotonic() + timeout, self.check)
 
+    @property
+    def _template(self) -> bool:
+        return self.snapshot is not None and not self.snapshot.restore
+
     def _spawn_vm(self) -> None:
         identity = qemu_identity()
         self._make_run_dir(identity)
+        self._record()  # before anything the reaper would have to find
         cgroups = self._cgroup.create()
         jail = str(self.tools / "bin" / "kata-ci-jail")
+        self._make_network(identity)
         if self.spec.workspace is not None and not self.floor:
             self._start_fileserver(jail, cgroups, identity)
         with contextlib.ExitStack() as opened:
@@ -160,10 +156,13 @@ class QemuVM(VM):
             opened.callback(os.close, console)
             if identity is not None:  # QEMU reopens it by /proc/self/fd, as its own identity
                 os.fchown(console, identity.uid, identity.gid)
+            tap = self._net.tap_fd if self._net else None
             files = GuestFiles(kernel=fd(self.spec.kernel) or "", initramfs=fd(self.spec.initramfs)
                                or "", rootfs=fd(self.spec.rootfs),
-                               console=f"/proc/self/fd/{console}")
-            argv = jail_argv(Path(jail), identity, cgroups) + qemu_argv(
+                               console=f"/proc/self/fd/{console}",
+                               tap=str(tap) if tap is not None else None)
+            argv = jail_argv(Path(jail), identity, cgroups,
+                             netns=self._net.path if self._net else None) + qemu_argv(
                 self.spec, self.paths, self.accel, self.floor, host_tsc_khz(), files,
                 in_run_dir=True)
             paths = [files.kernel, files.initramfs, files.rootfs, files.console]
@@ -175,9 +174,30 @@ class QemuVM(VM):
                 argv += snapshot_args(int(str(paths[-1]).rsplit("/", 1)[1]),
                                       self.snapshot.restore)
             keep = [int(p.rsplit("/", 1)[1]) for p in paths if p]
+            if tap is not None:
+                os.set_inheritable(tap, True)  # pass_fds: only into QEMU's process
+                keep.append(tap)
             self._qemu = self._spawn(argv, self.paths.qemu_log, keep)
+            if self._net is not None:
+                self._net.release_tap()
+        if self._net is not None and not self._template:  # a template has no way out
+            pasta = [*jail_argv(Path(jail), None, cgroups), str(self.tools / "bin" / "pasta")]
+            self._net.connect(lambda args: self._spawn([*pasta, *args], self.paths.pasta_log, []))
         self._pump.start()
         self._record()
+
+    def _make_network(self, identity: Identity | None) -> None:
+        """The VM's network namespace, QEMU's home (executors/network/netns.py). Without
+        root there is none: QEMU stays in kata-ci's namespace, and only ``none`` is allowed
+        (the runner's configuration never asks for more; this is the backstop)."""
+        why_not = netns.available()
+        if why_not is not None or self.floor:
+            if self.spec.network.nic and not self.floor:
+                raise SystemFailure(f"network {self.spec.network.mode!r} is not possible: "
+                                    f"{why_not}")
+            return
+        self._net = VMNetwork(self.id, self.spec.network)
+        self._net.create()
 
     @property
     def agent(self) -> AgentClient:
@@ -188,7 +208,8 @@ class QemuVM(VM):
     def processes(self) -> dict[str, int]:
         """Host pids of this VM's processes (for measurements and operators)."""
         found = {"qemu": self._qemu, "virtiofsd": self._virtiofsd}
-        return {name: proc.pid for name, proc in found.items() if proc and proc.poll() is None}
+        alive = {name: proc.pid for name, proc in found.items() if proc and proc.poll() is None}
+        return {**alive, **(self._net.pids if self._net else {})}
 
     def check(self) -> None:
         if self._halted:
@@ -202,6 +223,8 @@ class QemuVM(VM):
         if self._virtiofsd is not None and self._virtiofsd.poll() is not None:
             raise SystemFailure(f"virtiofsd (workspace file server) exited unexpectedly "
                                 f"(status {self._virtiofsd.returncode})", self.diagnostics())
+        if self._net is not None:
+            self._net.check()
 
     def stop(self, timeout: float = 2.0) -> None:
         """Shutdown RPC (the guest kills what still runs and syncs), then ``kill``.
@@ -237,6 +260,8 @@ class QemuVM(VM):
             if self._agent is not None:
                 with contextlib.suppress(Exception):
                     self._agent.close()
+            if self._net is not None:
+                self._net.close()
             self._pump.join()
             self._cgroup.remove()
             shutil.rmtree(self.paths.root, ignore_errors=True)
@@ -245,7 +270,8 @@ class QemuVM(VM):
         if self._killed:
             return self._saved_diagnostics
         parts = [tail(self.paths.console, lines)]
-        for label, path in (("qemu", self.paths.qemu_log), ("virtiofsd", self.paths.virtiofsd_log)):
+        for label, path in (("qemu", self.paths.qemu_log), ("virtiofsd", self.paths.virtiofsd_log),
+                            ("pasta", self.paths.pasta_log)):
             text = tail(path, 10)
             if text.strip():
                 parts.append(f"--- {label} ---\n{text}")
@@ -315,7 +341,8 @@ class QemuVM(VM):
 
     def _record(self) -> None:
         pids = {"owner": os.getpid(), "qemu": self._qemu.pid if self._qemu else None,
-                "virtiofsd": self._virtiofsd.pid if self._virtiofsd else None}
+                "virtiofsd": self._virtiofsd.pid if self._virtiofsd else None,
+                **(self._net.pids if self._net else {})}
         (self.paths.root / RECORD).write_text(json.dumps(pids))
 
     def _wait_for(self, path: Path, deadline: float, what: str) -> None:

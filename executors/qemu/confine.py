@@ -70,10 +70,13 @@ def fileserver_identity(owner: Identity) -> Identity | None:
 
 
 def jail_argv(jail: Path, identity: Identity | None, cgroups: list[Path],
-              fsize: int | None = None, no_setid_files: bool = False) -> list[str]:
+              fsize: int | None = None, no_setid_files: bool = False,
+              netns: Path | None = None) -> list[str]:
     argv = [str(jail)]
     for group in cgroups:
         argv += ["--cgroup", str(group)]
+    if netns is not None:
+        argv += ["--netns", str(netns)]
     if identity is not None:
         argv += ["--uid", str(identity.uid), "--gid", str(identity.gid)]
         if identity.groups:

@@ -10,6 +10,7 @@ import shutil
 import signal
 from pathlib import Path
 
+from kata_ci.executors.network.netns import remove_netns
 from kata_ci.executors.qemu.confine import remove_stale_cgroup
 from kata_ci.procs import pid_alive
 
@@ -28,12 +29,13 @@ def reap_orphans(run_root: Path) -> list[str]:
             continue
         if pid_alive(record.get("owner")):
             continue
-        for key in ("qemu", "virtiofsd"):
+        for key in ("qemu", "virtiofsd", "pasta"):
             pid = record.get(key)
             # Only a process whose command line names this VM: pids get reused.
             if pid and _cmdline_mentions(pid, vm_dir.name):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+        remove_netns(vm_dir.name)  # the kernel drops its links and ruleset with it
         shutil.rmtree(vm_dir, ignore_errors=True)
         remove_stale_cgroup(vm_dir.name)
         reaped.append(vm_dir.name)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kata_ci.executors.base import Accel, VMSpec
+from kata_ci.executors.network.policy import NONE, NetworkPolicy
 from kata_ci.executors.qemu.argv import QEMU, GuestFiles, VMPaths, qemu_argv, snapshot_args
 from kata_ci.images.artifacts import hash_inputs
 
@@ -89,7 +90,8 @@ def template_key(spec: VMSpec, accel: Accel, tsc_khz: int | None, tools: Path) -
     QEMU binary itself. A changed input is a new key: a template is never restored by
     another QEMU, it is built anew."""
     files = GuestFiles(kernel=_identity(spec.kernel), initramfs=_identity(spec.initramfs),
-                       rootfs=_identity(spec.rootfs) if spec.rootfs else None, console="console")
+                       rootfs=_identity(spec.rootfs) if spec.rootfs else None, console="console",
+                       tap="TAP")
     argv = qemu_argv(template_spec(spec, Path("/workspace")), VMPaths(Path("template")), accel,
                      tsc_khz=tsc_khz, files=files, in_run_dir=True) + snapshot_args(3, True)
     binary = _binary_identity()
@@ -108,17 +110,19 @@ def _binary_identity() -> str:
 def template_spec(spec: VMSpec, placeholder: Path) -> VMSpec:
     """The VM a template is booted as: the job's size and images, the workspace device
     present over an empty placeholder folder, nothing else of any job."""
-    return dataclasses.replace(spec, workspace=placeholder, guest_workdir=None)
+    network = NetworkPolicy(mode="egress") if spec.network.nic else NONE
+    return dataclasses.replace(spec, workspace=placeholder, guest_workdir=None, network=network)
 
 
 def family(spec: VMSpec, accel: Accel) -> str:
     """Templates that replace each other when an input changes."""
-    return f"{accel}-{spec.vcpus}cpu-{spec.memory_mib}MiB-{spec.overlay_size}"
+    nic = "-nic" if spec.network.nic else ""
+    return f"{accel}-{spec.vcpus}cpu-{spec.memory_mib}MiB-{spec.overlay_size}{nic}"
 
 
 def meta(spec: VMSpec, accel: Accel) -> dict[str, Any]:
     return {"family": family(spec, accel), "qemu": qemu_version(), "accel": accel,
-            "vcpus": spec.vcpus, "memory_mib": spec.memory_mib}
+            "vcpus": spec.vcpus, "memory_mib": spec.memory_mib, "nic": spec.network.nic}
 
 
 def placeholder_dir() -> tempfile.TemporaryDirectory[str]:

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from kata_ci import __version__, paths
 from kata_ci.errors import KataCIError, UserError
+from kata_ci.executors.network.policy import NONE, NetworkPolicy
 from kata_ci.images.artifacts import Manifest
 from kata_ci.runner.core import config as config_mod
 from kata_ci.runner.core.command import Cancel
@@ -71,6 +72,12 @@ class _RunCommand(click.Command):
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), help="Acceleration.")
 @click.option("--cold", is_flag=True, default=None,
               help="Boot every VM cold instead of restoring a snapshot (vm.start = \"cold\").")
+@click.option("--network", type=click.Choice(["none", "egress", "allowlist"]),
+              help="What the VM may reach (vm.network; default egress: the internet, nothing "
+                   "private). allowlist: only --allow destinations.")
+@click.option("--allow", "allow_items", multiple=True, metavar="DEST",
+              help="With --network allowlist: host[:ports], *.domain[:ports], CIDR[:ports], "
+                   "[v6]:ports; repeatable.")
 @click.option("-e", "--env", "env_items", multiple=True, metavar="NAME[=VALUE]",
               help="Set a variable in the job (NAME alone passes the host's value).")
 @click.option("--secret", "secret_items", multiple=True, metavar="NAME[=@FILE]",
@@ -98,7 +105,8 @@ class _RunCommand(click.Command):
 @click.pass_context
 def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int | None,
         timeout: float | None, grace: float | None, accel: str | None, cold: bool | None,
-        env_items: tuple[str, ...], secret_items: tuple[str, ...], config_path: Path | None,
+        network: str | None, allow_items: tuple[str, ...], env_items: tuple[str, ...],
+        secret_items: tuple[str, ...], config_path: Path | None,
         gitlab_ci: Path | None,
         workflow: Path | None, pipeline: bool, only: bool, parallel: int,
         var_items: tuple[str, ...],
@@ -118,10 +126,13 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
     try:
         cfg = config_mod.load(config_path).with_vm(
             vcpus=vcpus, memory_mib=memory_mib, timeout=timeout, grace=grace, accel=accel,
-            start="cold" if cold else None)
+            start="cold" if cold else None,
+            network="allowlist" if allow_items and network is None else network,
+            allow=list(allow_items) if allow_items
+            else [] if network not in (None, "allowlist") else None)
         root = check_workspace(workspace)
         settings = run_settings(cfg, parse_env(env_items), timeout is not None,
-                                parse_secrets(secret_items, root))
+                                parse_secrets(secret_items, root), network is not None)
         for item in secret_items:  # QEMU and virtiofsd inherit our environment: not these
             if "=" not in item:
                 os.environ.pop(item, None)
@@ -145,12 +156,29 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
 
 
 def run_settings(cfg: config_mod.Config, env: dict[str, str], timeout_flag: bool,
-                 secrets: dict[str, str] | None = None) -> RunSettings:
+                 secrets: dict[str, str] | None = None,
+                 network_flag: bool = False) -> RunSettings:
     """What the config file and the flags say about every job of this run."""
     vm = cfg.vm
     return RunSettings(timeout=vm.timeout, timeout_flag=timeout_flag, grace=vm.grace,
                        boot_timeout=vm.boot_timeout, vcpus=vm.vcpus, memory_mib=vm.memory_mib,
-                       env=env, term=user_term(), secrets=secrets or {})
+                       env=env, term=user_term(), secrets=secrets or {},
+                       network=local_network(cfg, network_flag))
+
+
+def local_network(cfg: config_mod.Config, flag: bool) -> NetworkPolicy:
+    """[vm]'s policy (or the flags'). Without root there are no network namespaces: the
+    configured default then becomes ``none`` with a note; an explicit --network fails."""
+    from kata_ci.executors.network.netns import available
+
+    policy = cfg.policy()
+    why_not = available()
+    if policy.nic and why_not:
+        if flag:
+            raise UserError(f"--network {policy.mode} is not possible: {why_not}")
+        _notify(f"network: none ({why_not}); the job runs without a NIC")
+        return NONE
+    return policy
 
 
 def _run_command(root: Path, cfg: config_mod.Config, settings: RunSettings,

@@ -126,7 +126,38 @@ def _run_dir() -> Check:
     return Check("run dir", "ok", str(root))
 
 
+def _network() -> list[Check]:
+    """What per-VM networking needs: namespaces (root), nftables, /dev/net/tun, pasta."""
+    from kata_ci.executors.network.netns import available
+
+    try:
+        cfg = config_mod.load()
+        policy = cfg.policy()
+    except KataCIError as exc:
+        return [Check("network", "fail", str(exc))]
+    why_not = available()
+    if why_not is not None:
+        return [Check("network", "warn" if policy.nic else "ok",
+                      f"{why_not}: jobs run with network = none (no NIC)")]
+    missing = []
+    if shutil.which("nft") is None:
+        missing.append("nftables (apt-get install nftables)")
+    if not Path("/dev/net/tun").exists():
+        missing.append("/dev/net/tun (modprobe tun)")
+    try:
+        pasta = Path(load_current(paths.cache_dir()).tools.path) / "bin" / "pasta"
+        if not pasta.is_file():
+            missing.append(f"{pasta} (kata-ci images build)")
+    except KataCIError:
+        pass  # the images check reports it
+    if missing:
+        return [Check("network", "fail" if policy.nic else "warn",
+                      f"missing {', '.join(missing)}; network = none still works")]
+    return [Check("network", "ok", f"default {policy.describe()}; a namespace per VM, "
+                                   f"nftables policy, pasta uplink")]
+
+
 def run_checks() -> list[Check]:
-    return [*_qemu(), *_confinement(), _run_dir(), *_images_and_accel()]
+    return [*_qemu(), *_confinement(), _run_dir(), *_images_and_accel(), *_network()]
 
 

@@ -13,6 +13,16 @@ unknown key or a wrong type is a UserError naming the file and key.
     accel = "auto"     # auto | kvm | tcg
     max_file_mib = 16384  # no file in the workspace grows past this; 0 = no bound
     start = "snapshot" # snapshot: restore from a template where QEMU allows; cold: boot
+    network = "egress" # none | egress | allowlist (README, "Network")
+    allow = []         # allowlist: ["pypi.org:443", "*.pythonhosted.org:443", "198.51.100.0/24"]
+
+    [network]
+    holes = []         # private destinations every job may reach: ["10.1.2.3:3128"]
+    dns = []           # upstream resolvers behind kata-ci's own; empty: /etc/resolv.conf
+
+    [labels.locked]    # per label: vcpus, memory_mib, network, allow
+    network = "allowlist"
+    allow = ["pypi.org:443"]
 
     [images]
     mirror = ""        # Debian mirror for the rootfs; empty: the host's apt mirror
@@ -28,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from kata_ci.errors import UserError
+from kata_ci.executors.network.policy import NetworkPolicy, build_policy
 
 AccelChoice = Literal["auto", "kvm", "tcg"]
 StartChoice = Literal["snapshot", "cold"]
@@ -47,6 +58,8 @@ class VMConfig:
     # How a job's VM starts: restored from a booted template of its size (QEMU >= 9.0 and
     # virtiofsd >= 1.11; else cold, `kata-ci doctor` says why), or always cold-booted.
     start: StartChoice = "snapshot"
+    network: str = "egress"
+    allow: list[str] = field(default_factory=list)
 
     @property
     def max_file_size(self) -> int | None:
@@ -69,6 +82,13 @@ class VMConfig:
             problems.append(f"max_file_mib must be >= 0 (0 = no bound), not {self.max_file_mib}")
         if self.start not in get_args(StartChoice):
             problems.append(f"start must be snapshot or cold, not {self.start!r}")
+        if not all(isinstance(a, str) for a in self.allow):
+            problems.append("allow must be a list of strings like \"pypi.org:443\"")
+        else:
+            try:
+                build_policy(self.network, self.allow, [], [], source)
+            except UserError as exc:
+                problems.append(str(exc).removeprefix(f"{source}: "))
         if self.accel not in get_args(AccelChoice):
             problems.append(f"accel must be one of auto, kvm, tcg, not {self.accel!r}")
         if problems:
@@ -107,7 +127,22 @@ class QueueConfig:
         return self
 
 
-LABEL_SIZE_KEYS = ("vcpus", "memory_mib")
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The operator's network settings, for every job (per-job policy is in [vm] and labels)."""
+
+    holes: list[str] = field(default_factory=list)
+    dns: list[str] = field(default_factory=list)
+
+    def validate(self, source: str) -> NetworkConfig:
+        for key in ("holes", "dns"):
+            if not all(isinstance(v, str) for v in getattr(self, key)):
+                raise UserError(f"{source}: network.{key} must be a list of strings")
+        build_policy("none", [], self.holes, self.dns, f"{source}: [network]")
+        return self
+
+
+LABEL_KEYS = {"vcpus": int, "memory_mib": int, "network": str, "allow": list}
 
 
 @dataclass(frozen=True)
@@ -115,8 +150,9 @@ class Config:
     vm: VMConfig = field(default_factory=VMConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
-    # Per-label VM size: [labels.big] vcpus = 4, memory_mib = 8192
-    labels: dict[str, dict[str, int]] = field(default_factory=dict)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    # Per label: [labels.big] vcpus = 4, memory_mib = 8192, network = "allowlist", allow = []
+    labels: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = "defaults"
 
     def with_vm(self, **overrides: Any) -> Config:
@@ -124,6 +160,14 @@ class Config:
         given = {k: v for k, v in overrides.items() if v is not None}
         vm = dataclasses.replace(self.vm, **given).validate("command line")
         return dataclasses.replace(self, vm=vm)
+
+    def policy(self, label: str | None = None) -> NetworkPolicy:
+        """The network of a job: [vm], or its label's, with the operator's holes and DNS."""
+        own = self.labels.get(label, {}) if label else {}
+        mode = own.get("network", self.vm.network)
+        allow = own.get("allow", self.vm.allow if "network" not in own else [])
+        where = f"{self.source}: [labels.{label}]" if own else self.source
+        return build_policy(mode, allow, self.network.holes, self.network.dns, where)
 
 
 def default_path() -> Path:
@@ -146,31 +190,36 @@ def load(path: Path | None = None) -> Config:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"config file {path}: {exc}") from None
     sections: dict[str, type[Any]] = {"vm": VMConfig, "images": ImagesConfig,
-                                      "queue": QueueConfig}
+                                      "queue": QueueConfig, "network": NetworkConfig}
     unknown = set(raw) - set(sections) - {"labels"}
     if unknown:
         raise UserError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
     built = {name: _section(path, name, cls, raw.get(name, {})) for name, cls in sections.items()}
     config = Config(vm=built["vm"], images=built["images"], queue=built["queue"],
-                    labels=_labels(path, raw.get("labels", {})), source=str(path))
+                    network=built["network"], labels=_labels(path, raw.get("labels", {})),
+                    source=str(path))
     config.vm.validate(str(path))
     config.queue.validate(str(path))
+    config.network.validate(str(path))
+    for label in config.labels:
+        config.policy(label)
     return config
 
 
-def _labels(path: Path, table: Any) -> dict[str, dict[str, int]]:
+def _labels(path: Path, table: Any) -> dict[str, dict[str, Any]]:
     if not isinstance(table, dict):
         raise UserError(f"{path}: [labels] must hold tables like [labels.big]")
-    sizes: dict[str, dict[str, int]] = {}
-    for label, size in table.items():
-        if not isinstance(size, dict) or set(size) - set(LABEL_SIZE_KEYS):
-            raise UserError(f"{path}: [labels.{label}] may set only {', '.join(LABEL_SIZE_KEYS)}")
-        for key, value in size.items():
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise UserError(f"{path}: labels.{label}.{key} must be int")
-        VMConfig(**size).validate(f"{path}: [labels.{label}]")
-        sizes[label] = dict(size)
-    return sizes
+    labels: dict[str, dict[str, Any]] = {}
+    for label, own in table.items():
+        if not isinstance(own, dict) or set(own) - set(LABEL_KEYS):
+            raise UserError(f"{path}: [labels.{label}] may set only {', '.join(LABEL_KEYS)}")
+        for key, value in own.items():
+            if not isinstance(value, LABEL_KEYS[key]) or isinstance(value, bool):
+                raise UserError(f"{path}: labels.{label}.{key} must be "
+                                f"{LABEL_KEYS[key].__name__}")
+        VMConfig(**own).validate(f"{path}: [labels.{label}]")
+        labels[label] = dict(own)
+    return labels
 
 
 def _section(path: Path, name: str, cls: type[Any], table: Any) -> Any:
@@ -188,11 +237,12 @@ def _section(path: Path, name: str, cls: type[Any], table: Any) -> Any:
     return cls(**{k: float(v) if known[k].type == "float" else v for k, v in table.items()})
 
 
-def vm_sizes(config: Config, labels: list[str] | None = None) -> list[tuple[int, int]]:
-    """(vcpus, memory_mib) of the default VM and of each label's (all, or ``labels``)."""
-    sizes = [(config.vm.vcpus, config.vm.memory_mib)]
-    for label, size in config.labels.items():
+def vm_sizes(config: Config, labels: list[str] | None = None) -> list[tuple[int, int, bool]]:
+    """(vcpus, memory_mib, NIC) of the default VM and of each label's (all, or ``labels``):
+    the VM kinds whose templates are worth building ahead."""
+    sizes = [(config.vm.vcpus, config.vm.memory_mib, config.policy().nic)]
+    for label, own in config.labels.items():
         if labels is None or label in labels:
-            sizes.append((size.get("vcpus", config.vm.vcpus),
-                          size.get("memory_mib", config.vm.memory_mib)))
+            sizes.append((own.get("vcpus", config.vm.vcpus),
+                          own.get("memory_mib", config.vm.memory_mib), config.policy(label).nic))
     return list(dict.fromkeys(sizes))

@@ -14,9 +14,10 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kata_ci.errors import UserError
+from kata_ci.executors.network.policy import NONE, NetworkPolicy, narrow
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
 from kata_ci.runner.core.secrets import GITLAB_MASK, check_secrets
 
@@ -62,10 +63,10 @@ class Commands:
 class JobSpec:
     """Everything the lifecycle needs to run one job, whoever asked for it.
 
-    Landing points for what comes next: an OCI image (the OCI issue) becomes a field here;
-    network policy widens ``network``. ``secrets`` reach the job only through ``env`` (over
-    the agent channel); the lifecycle masks their values in every sink of the job, with
-    ``mask`` (GitLab's ``[MASKED]``, GitHub's ``***``) in their place.
+    Landing points for what comes next: an OCI image (the OCI issue) becomes a field here.
+    ``network``: what the VM may reach (executors/network/policy.py). ``secrets`` reach the
+    job only through ``env`` (over the agent channel); the lifecycle masks their values in
+    every sink of the job, with ``mask`` (GitLab's ``[MASKED]``, GitHub's ``***``) in their place.
     """
 
     name: str
@@ -78,7 +79,7 @@ class JobSpec:
     boot_timeout: float = 60.0
     vcpus: int = 2
     memory_mib: int = 1024
-    network: Literal["none"] = "none"  # no NIC at all
+    network: NetworkPolicy = NONE  # mode none: no NIC at all
     secrets: Mapping[str, str] = field(default_factory=dict)  # name -> value, masked in logs
     mask: str = GITLAB_MASK
 
@@ -103,6 +104,7 @@ class RunSettings:
     env: Mapping[str, str] = field(default_factory=dict)  # -e: over every other variable
     secrets: Mapping[str, str] = field(default_factory=dict)  # --secret: masked in every job
     term: str | None = None  # the user's TERM, when a terminal is behind the run
+    network: NetworkPolicy = NONE  # the label's (or [vm]'s, or --network's) policy
 
     def job_timeout(self, own: float | None) -> float:
         """A CI file's own job timeout (GitLab `timeout:`, GitHub `timeout-minutes`) when it
@@ -112,12 +114,22 @@ class RunSettings:
     def spec(self, name: str, script: JobScript, env: Mapping[str, str], workspace: Path,
              timeout: float | None = None, secrets: Mapping[str, str] | None = None,
              mask: str = GITLAB_MASK) -> JobSpec:
-        """``secrets``: the job's own masked values, on top of --secret's."""
+        """``secrets``: the job's own masked values, on top of --secret's. A job narrows its
+        network with the variables KATA_CI_NETWORK and KATA_CI_NETWORK_ALLOW (never wider
+        than the runner's policy: a UserError naming the job)."""
         return JobSpec(name=name, script=script, env=env, workspace=workspace,
+                       network=job_network(self.network, env, f"job {name!r}"),
                        timeout=self.timeout if timeout is None else timeout,
                        grace=self.grace, boot_timeout=self.boot_timeout, vcpus=self.vcpus,
                        memory_mib=self.memory_mib, secrets={**self.secrets, **(secrets or {})},
                        mask=mask)
+
+
+def job_network(ceiling: NetworkPolicy, env: Mapping[str, str], source: str) -> NetworkPolicy:
+    """The runner's policy, narrowed by the job's own KATA_CI_NETWORK(_ALLOW) variables."""
+    mode = env.get("KATA_CI_NETWORK") or None
+    allow = tuple(env.get("KATA_CI_NETWORK_ALLOW", "").split())
+    return narrow(ceiling, mode, allow, f"{source}: KATA_CI_NETWORK")
 
 
 def check_workspace(path: Path) -> Path:

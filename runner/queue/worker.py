@@ -23,6 +23,8 @@ from pathlib import Path
 from celery.signals import worker_shutting_down
 
 from kata_ci.errors import KataCIError, SystemFailure, UserError
+from kata_ci.executors.network.netns import available as netns_unavailable
+from kata_ci.executors.network.policy import NONE, NetworkPolicy
 from kata_ci.executors.provider import VMProvider, open_provider
 from kata_ci.procs import pid_alive
 from kata_ci.runner.core.command import Cancel
@@ -31,7 +33,7 @@ from kata_ci.runner.core.env import job_env
 from kata_ci.runner.core.lifecycle import run_job
 from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
 from kata_ci.runner.core.sinks import Stream, note
-from kata_ci.runner.core.spec import Command, Commands, JobSpec
+from kata_ci.runner.core.spec import Command, Commands, JobSpec, job_network
 from kata_ci.runner.queue import quota
 from kata_ci.runner.queue.app import TASK, make_app, queue_name, sender
 from kata_ci.runner.queue.lease import Heartbeat, Reaper
@@ -69,6 +71,7 @@ class Daemon:
         # Set when the worker is asked to stop (SIGTERM, systemctl stop): running jobs are
         # cancelled (SIGTERM in the guest, grace, kill) and handed back (retry) or ended.
         self.stopping = threading.Event()
+        self._warned_network: set[str] = set()
 
     def reap(self) -> list[str]:
         """At start: workspaces and jobs left by a worker on this host that died mid-job
@@ -150,7 +153,20 @@ class Daemon:
                        workspace=workdir, guest_workdir=GUEST_WORKDIR,
                        timeout=min(job.timeout or limit, limit), grace=vm.grace,
                        boot_timeout=vm.boot_timeout, vcpus=size.get("vcpus", vm.vcpus),
-                       memory_mib=size.get("memory_mib", vm.memory_mib))
+                       memory_mib=size.get("memory_mib", vm.memory_mib),
+                       network=job_network(self.network(job.label), env, f"job {job.id}"))
+
+    def network(self, label: str) -> NetworkPolicy:
+        """The label's policy; without root (no namespaces) only ``none``, said once."""
+        policy = self.config.policy(label)
+        why_not = netns_unavailable()
+        if policy.nic and why_not:
+            if label not in self._warned_network:
+                self._warned_network.add(label)
+                log.warning("label %s: network %s is not possible (%s); jobs run without "
+                            "a NIC", label, policy.mode, why_not)
+            return NONE
+        return policy
 
     def _run(self, job: Job, token: str, beat: Heartbeat) -> Outcome:
         sink = RedisSink(self.store, job.id, token)
@@ -166,12 +182,13 @@ class Daemon:
                 try:
                     unpack(packed, workdir, Bounds.of(self.config.queue))
                     hand_over(workdir)
-                except UserError as exc:  # a hostile or oversized archive: the submitter's
+                    spec = self.spec(job, workdir)
+                except UserError as exc:  # a hostile archive, a wider network: the submitter's
                     note(sink, f"job failed: {exc}")
                     return Outcome.job_failure(str(exc))
                 cancel = Cancel(poll=lambda: beat.lost.is_set() or self.stopping.is_set()
                                 or self.store.cancel_requested(job.id))
-                return run_job(self.spec(job, workdir), self.provider, sink, cancel)
+                return run_job(spec, self.provider, sink, cancel)
         finally:
             quota.discard(workdir)
 
