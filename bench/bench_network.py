@@ -87,7 +87,7 @@ def main() -> None:
         ("TCP connect latency, median of 20", f"{host[1]:.2f} ms", f"{guest[1]:.2f} ms",
          f"{guest[1] / host[1]:.1f}x"),
         ("VM start p50 (restore), none vs egress", f"{none_p50 * 1000:.0f} ms",
-         f"{egress_p50 * 1000:.0f} ms", f"+{(egress_p50 - none_p50) * 1000:.0f} ms"),
+         f"{egress_p50 * 1000:.0f} ms", f"{(egress_p50 - none_p50) * 1000:+.0f} ms"),
     ]
     if setup:
         rows.append(("netns + tap + nftables before QEMU, p50", "",

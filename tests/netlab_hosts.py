@@ -19,6 +19,16 @@ from tests.netlab import BODY, NAMES
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
+        if self.path.startswith("/bytes/"):  # throughput: /bytes/N streams N zero bytes
+            size = int(self.path.rsplit("/", 1)[1])
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            chunk = bytes(65536)
+            while size > 0:
+                self.wfile.write(chunk[:size])
+                size -= len(chunk)
+            return
         host = self.connection.getsockname()[0]
         body = (BODY if self.path == "/hello" else f"{host} {self.path}\n").encode()
         self.send_response(200)
