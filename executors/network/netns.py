@@ -121,6 +121,7 @@ class VMNetwork:
         self._closed = False
         self.setup_seconds = 0.0
         self.tap_fd: int | None = None
+        self._hosts: tuple[str, ...] = ()
 
     def create(self) -> None:
         """The namespace, made on a thread that unshares into it and bind-mounts it at
@@ -141,9 +142,10 @@ class VMNetwork:
                 self.path.unlink()
                 raise OSError(err, f"bind-mount the namespace at {self.path}")
 
-        hosts = host_addresses() if self.policy.nic else ()
+        # Read once, here in kata-ci's namespace: the ruleset and the resolver both deny them.
+        self._hosts = host_addresses() if self.policy.nic else ()
         try:
-            _on_thread(unshare, lambda: self._configure(hosts))
+            _on_thread(unshare, lambda: self._configure(self._hosts))
         except (OSError, subprocess.CalledProcessError) as exc:
             self.close()
             raise SystemFailure(f"cannot set up the VM's network namespace: {exc}") from None
@@ -181,14 +183,12 @@ class VMNetwork:
                 if kind == socket.SOCK_STREAM:
                     sock.listen(8)
 
-    def connect(self, spawn: Callable[[list[str]], subprocess.Popen[bytes]],
-                hosts: tuple[str, ...] | None = None) -> None:
+    def connect(self, spawn: Callable[[list[str]], subprocess.Popen[bytes]]) -> None:
         """The way out: kata-ci's resolver on the gateway, and pasta joining the namespace.
         ``spawn`` starts pasta with the arguments given (the backend's jail and log)."""
         if not self.policy.nic:
             return
-        self._resolver = Resolver(self.policy, self._listeners,
-                                  host_addresses() if hosts is None else hosts, self.nft)
+        self._resolver = Resolver(self.policy, self._listeners, self._hosts, self.nft)
         self._resolver.start()
         self._pasta = spawn(pasta_args(self.path))
 
