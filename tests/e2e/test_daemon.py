@@ -36,9 +36,11 @@ class Worker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        # The log is appended to across restarts: only this start's own " ready." counts.
+        seen = self.log.read_bytes().count(b" ready.") if self.log.exists() else 0
         with self.log.open("ab") as sink:
             self.proc = subprocess.Popen(self.args, env=self.env, stdout=sink, stderr=sink)
-        wait_until(lambda: b" ready." in self.log.read_bytes(), 60, "worker ready")
+        wait_until(lambda: self.log.read_bytes().count(b" ready.") > seen, 60, "worker ready")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
