@@ -296,3 +296,11 @@ def _register_queue_commands() -> None:
 
 
 _register_queue_commands()
+
+from kata_ci.runner.cli.gitlab import gitlab  # noqa: E402
+
+main.add_command(gitlab)
+
+from kata_ci.runner.cli.gitlab_executor import gitlab_executor  # noqa: E402
+
+main.add_command(gitlab_executor)

@@ -36,6 +36,13 @@ class Cancel:
     def set(self) -> None:
         self._event.set()
 
+    def check_now(self) -> bool:
+        """is_set, asking ``poll`` now whatever the interval: for a decision that must not
+        miss a request made a moment ago (whether to run GitLab's after_script)."""
+        if not self._event.is_set() and self._poll is not None and self._poll():
+            self._event.set()
+        return self._event.is_set()
+
     def is_set(self) -> bool:
         if self._event.is_set() or self._poll is None:
             return self._event.is_set()

@@ -49,9 +49,12 @@ class Session:
         """The job's own deadline has passed."""
         return self.deadline is not None and time.monotonic() >= self.deadline
 
-    def run(self, command: Command, sink: LogSink | None = None) -> Outcome:
+    def run(self, command: Command, sink: LogSink | None = None,
+            cancel: Cancel | None = None) -> Outcome:
         """Run one command to its end under the job's deadline and cancel; its output goes
-        to ``sink`` (a filter in front of the job's sink), by default the job's sink."""
+        to ``sink`` (a filter in front of the job's sink), by default the job's sink.
+        ``cancel``: a stop of this command only (GitLab's graceful cancel), on top of the
+        job's own."""
         timeout, message = command.timeout, command.timeout_message
         if command.within_job_timeout and self.deadline is not None:
             remaining = self.deadline - time.monotonic()
@@ -62,7 +65,9 @@ class Session:
         env = self.spec.env if command.env is None else command.env
         request = CommandRequest(command.argv, env, command.cwd or self.workdir, timeout,
                                  self.spec.grace, message)
-        return run_command(self.vm, request, sink or self.sink, self.cancel)
+        if cancel is not None and cancel is not self.cancel:
+            cancel = _either(cancel, self.cancel)
+        return run_command(self.vm, request, sink or self.sink, cancel or self.cancel)
 
     def add_mask(self, value: str) -> bool:
         """Mask ``value`` in the rest of the job's output; False if too short to mask."""
@@ -76,6 +81,10 @@ class Session:
 
     def note(self, text: str) -> None:
         note(self.sink, text)
+
+
+def _either(first: Cancel, second: Cancel) -> Cancel:
+    return Cancel(poll=lambda: first.is_set() or second.is_set(), interval=0.0)
 
 
 def run_job(spec: JobSpec, provider: VMProvider, sink: LogSink, cancel: Cancel) -> Outcome:

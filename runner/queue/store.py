@@ -24,7 +24,14 @@ Keys (prefix ``kataci:``):
   ws:<id>         the packed workspace (tar.gz), deleted once the job ends
   host:<name>     hash job id -> worker pid and token, for cleaning up after a worker that
                   died on this host when the host's next worker starts
-  cancel:<id>     set by `cancel` for the worker running the job (it polls)
+  cancel:<id>     set by `cancel` for the worker running the job (it polls): "1" hard,
+                  "graceful" (GitLab's canceling: the script stops, after_script runs)
+  worker:<name>   hash: labels, concurrency, busy; expires unless its worker renews it
+                  (how `gitlab run` knows whether a label has a free slot)
+
+A job from GitLab carries ``source`` = gitlab and ``gitlab`` (JSON: the runner it came
+through and the job payload, its job token included) until its poller has told GitLab how
+it ended.
 """
 
 from __future__ import annotations
@@ -169,6 +176,7 @@ class Job:
     attempt: int
     retry: bool = False  # may run once more if its worker is lost
     lease_until: float | None = None  # Redis server time; only while running
+    source: str = "queue"  # queue (`submit`) | gitlab (`gitlab run`)
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> Job:
@@ -186,7 +194,7 @@ class Job:
                    exit_code=int(code) if code not in (None, "") else None,
                    message=get.get("message", ""), worker=get.get("worker", ""),
                    attempt=int(get.get("attempt", "0")), retry=get.get("retry") == "1",
-                   lease_until=number("lease_until"))
+                   lease_until=number("lease_until"), source=get.get("source", "queue"))
 
 
 def _text(value: bytes | str) -> str:
@@ -227,17 +235,24 @@ class JobStore:
         return cls(client, log_limit, requeue)
 
     # -- submission ------------------------------------------------------------------------
-    def create(self, argv: Sequence[str], label: str, timeout: float, workspace: bytes,
-               retry: bool = False, env: Mapping[str, str] | None = None) -> Job:
+    def create(self, argv: Sequence[str], label: str, timeout: float, workspace: bytes | None,
+               retry: bool = False, env: Mapping[str, str] | None = None,
+               gitlab: Mapping[str, Any] | None = None) -> Job:
+        """A queued job: from `submit` (its packed workspace), or from GitLab (``gitlab``:
+        the runner and the payload; the worker makes the workspace from it)."""
         job_id = uuid.uuid4().hex[:16]
         now = time.time()
         fields = {"id": job_id, "state": "queued", "argv": json.dumps(list(argv)),
                   "env": json.dumps(dict(env or {})),
                   "label": label, "timeout": str(timeout), "created_at": str(now),
-                  "attempt": "0", "log_bytes": "0", "retry": "1" if retry else "0"}
+                  "attempt": "0", "log_bytes": "0", "retry": "1" if retry else "0",
+                  "source": "gitlab" if gitlab else "queue"}
+        if gitlab:
+            fields["gitlab"] = json.dumps(dict(gitlab))
         pipe = self.r.pipeline()
         pipe.hset(self._job(job_id), mapping=cast(Any, fields))
-        pipe.set(f"{PREFIX}ws:{job_id}", workspace)
+        if workspace is not None:
+            pipe.set(f"{PREFIX}ws:{job_id}", workspace)
         pipe.zadd(f"{PREFIX}jobs", {job_id: now})
         pipe.execute()
         return self.get(job_id)
@@ -251,6 +266,19 @@ class JobStore:
     def recent(self, count: int = 20) -> list[Job]:
         ids = cast(list[bytes], self.r.zrevrange(f"{PREFIX}jobs", 0, count - 1))
         return [self.get(i.decode()) for i in ids]
+
+    def gitlab(self, job_id: str) -> dict[str, Any] | None:
+        """A GitLab job's runner and payload; None once its ending was reported."""
+        raw = self.r.hget(self._job(job_id), "gitlab")
+        try:
+            value = json.loads(cast(bytes, raw)) if raw else None
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def reported(self, job_id: str) -> None:
+        """The GitLab side knows how the job ended: its payload (and job token) goes."""
+        self.r.hdel(self._job(job_id), "gitlab")
 
     def workspace(self, job_id: str) -> bytes | None:
         return cast(bytes | None, self.r.get(f"{PREFIX}ws:{job_id}"))
@@ -361,20 +389,54 @@ class JobStore:
                 return
 
     # -- cancel -------------------------------------------------------------------------------
-    def request_cancel(self, job_id: str) -> str:
+    def request_cancel(self, job_id: str, graceful: bool = False) -> str:
         """Cancel: a queued job ends now; a running one is told to (its worker polls), or
-        ends now as cancelled if its lease has passed (its worker is gone)."""
+        ends now as cancelled if its lease has passed (its worker is gone). ``graceful``
+        (GitLab's canceling): its script stops and its after_script still runs; a hard
+        cancel is never softened by a later graceful one."""
         job = self.get(job_id)
         if job.state in FINAL:
             return job.state
         if self._cancel_queued(keys=[self._job(job_id)], args=[str(time.time())]):
             self.r.delete(f"{PREFIX}ws:{job_id}")
             return "cancelled"
-        self.r.set(self._cancel(job_id), "1", ex=7 * 86400)
+        if graceful:
+            self.r.set(self._cancel(job_id), "graceful", ex=7 * 86400, nx=True)
+        else:
+            self.r.set(self._cancel(job_id), "1", ex=7 * 86400)
         return self.end_stranded(job_id) or "cancelling"
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.r.exists(self._cancel(job_id)))
+    def cancel_requested(self, job_id: str, hard_only: bool = False) -> bool:
+        value = self.r.get(self._cancel(job_id))
+        return value is not None and not (hard_only and value == b"graceful")
+
+    # -- capacity -------------------------------------------------------------------------------
+    def announce(self, worker: str, labels: Sequence[str], concurrency: int, busy: int,
+                 ttl: float) -> None:
+        """This worker serves ``labels`` with ``concurrency`` slots, ``busy`` of them taken;
+        forgotten unless renewed within ``ttl`` s (a dead worker has no free slots)."""
+        key = f"{PREFIX}worker:{worker}"
+        pipe = self.r.pipeline()
+        pipe.hset(key, mapping={"labels": json.dumps(list(labels)),
+                                "concurrency": str(concurrency), "busy": str(busy)})
+        pipe.pexpire(key, max(1, int(ttl * 1000)))
+        pipe.execute()
+
+    def withdraw(self, worker: str) -> None:
+        self.r.delete(f"{PREFIX}worker:{worker}")
+
+    def free_slots(self, label: str, queue_key: str) -> int:
+        """Slots of the live workers serving ``label`` not taken by a running job or by a
+        message still waiting in its Celery queue (the Redis list ``queue_key``)."""
+        free = 0
+        for key in self.r.scan_iter(f"{PREFIX}worker:*", count=200):
+            raw = cast(dict[bytes, bytes], self.r.hgetall(key))
+            try:
+                if label in json.loads(raw.get(b"labels", b"[]")):
+                    free += int(raw.get(b"concurrency", b"0")) - int(raw.get(b"busy", b"0"))
+            except (ValueError, TypeError):
+                continue
+        return free - int(self.r.llen(queue_key))
 
     @staticmethod
     def _job(job_id: str) -> str:

@@ -18,6 +18,7 @@ import re
 import socket
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from celery.signals import worker_shutting_down
@@ -72,6 +73,40 @@ class Daemon:
         # cancelled (SIGTERM in the guest, grace, kill) and handed back (retry) or ended.
         self.stopping = threading.Event()
         self._warned_network: set[str] = set()
+        self.busy = 0
+        self._busy_lock = threading.Lock()
+        self._slots: tuple[list[str], int] | None = None  # labels, concurrency once announced
+
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        self._count(+1)
+        try:
+            yield
+        finally:
+            self._count(-1)
+
+    def _count(self, change: int) -> None:
+        """A slot taken or freed, told at once (a poller must not see a stale free slot)."""
+        with self._busy_lock:
+            self.busy += change
+            if self._slots:
+                with contextlib.suppress(Exception):
+                    self.store.announce(self.name, self._slots[0], self._slots[1], self.busy,
+                                        self.ttl)
+
+    def announce(self, labels: list[str], concurrency: int) -> None:
+        """Tell Redis this worker's free slots, every lease_ttl/3 until it stops: `gitlab
+        run` takes a job from GitLab only while a worker of its label has one free."""
+        def loop() -> None:
+            while not self.stopping.wait(self.ttl / 3):
+                with contextlib.suppress(Exception):
+                    self.store.announce(self.name, labels, concurrency, self.busy, self.ttl)
+            with contextlib.suppress(Exception):
+                self.store.withdraw(self.name)
+
+        self._slots = (labels, concurrency)
+        self.store.announce(self.name, labels, concurrency, self.busy, self.ttl)
+        threading.Thread(target=loop, name="kata-ci-announce", daemon=True).start()
 
     def reap(self) -> list[str]:
         """At start: workspaces and jobs left by a worker on this host that died mid-job
@@ -170,6 +205,36 @@ class Daemon:
 
     def _run(self, job: Job, token: str, beat: Heartbeat) -> Outcome:
         sink = RedisSink(self.store, job.id, token)
+        with self._busy():
+            if job.source == "gitlab":
+                return self._run_gitlab(job, sink, beat)
+            return self._run_queued(job, sink, beat)
+
+    def _run_gitlab(self, job: Job, sink: RedisSink, beat: Heartbeat) -> Outcome:
+        """A job GitLab handed to `gitlab run`: its workspace is made from the payload."""
+        from kata_ci.runner.gitlab_runner import execute
+
+        entry = self.store.gitlab(job.id)
+        if entry is None:
+            note(sink, "system failure: the job's GitLab payload is gone from Redis")
+            return Outcome.system_failure(SystemFailure("the GitLab payload is gone"))
+        workdir = Path(tempfile.mkdtemp(prefix=f"kata-ci-{job.id}-"))
+        try:
+            with quota.limited(workdir, self.config.queue.workspace_quota_mib):
+                def stop() -> bool:
+                    return beat.lost.is_set() or self.stopping.is_set()
+
+                ctx = execute.Context(
+                    config=self.config, provider=self.provider, label=job.label,
+                    network=self.network(job.label), workdir=workdir,
+                    cancel=Cancel(poll=lambda: stop() or self.store.cancel_requested(
+                        job.id, hard_only=True)),
+                    graceful=Cancel(poll=lambda: self.store.cancel_requested(job.id)))
+                return execute.run(entry, sink, ctx)
+        finally:
+            quota.discard(workdir)
+
+    def _run_queued(self, job: Job, sink: RedisSink, beat: Heartbeat) -> Outcome:
         packed = self.store.workspace(job.id)
         if packed is None:
             outcome = Outcome.system_failure(SystemFailure("the job's workspace is gone "
@@ -216,6 +281,7 @@ def start_worker(config: Config, labels: list[str], concurrency: int) -> None:
     for job_id in daemon.reap():
         log.warning("reaped job %s", job_id)
     Reaper(store, config.queue.lease_ttl).start()  # other workers' lost jobs, all along
+    daemon.announce(labels, concurrency)
     app.task(name=TASK, acks_late=True)(daemon.task)
     worker_shutting_down.connect(lambda **_: daemon.stopping.set(), weak=False)
     with contextlib.suppress(KeyboardInterrupt):

@@ -21,18 +21,23 @@ def test_shipped_redis_config_enables_aof_and_never_evicts() -> None:
 
 
 def test_worker_config_template_renders_to_a_valid_config(tmp_path: Path) -> None:
-    """The ansible template renders (with label sizes) into a file `kata-ci worker` accepts."""
+    """The ansible template renders (with label sizes and a GitLab runner) into a file
+    `kata-ci worker` and `kata-ci gitlab run` accept."""
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
     env.filters["to_json"] = json.dumps
     text = env.from_string((ANSIBLE / "templates/config.toml.j2").read_text()).render(
         kata_ci_broker="redis://broker:6379/0", kata_ci_labels=["default", "big"],
         kata_ci_concurrency=2,
-        kata_ci_label_sizes={"big": {"vcpus": 4, "memory_mib": 8192}})
+        kata_ci_label_sizes={"big": {"vcpus": 4, "memory_mib": 8192}},
+        kata_ci_gitlab_runners=[{"url": "https://gitlab.example", "token": "glrt-x",
+                                 "system_id": "s_0123456789ab", "id": 5, "label": "big"}])
     path = tmp_path / "config.toml"
     path.write_text(text)
     cfg = load(path)
     assert cfg.queue.labels == ["default", "big"] and cfg.queue.concurrency == 2
     assert cfg.labels == {"big": {"vcpus": 4, "memory_mib": 8192}}
+    assert [(r.url, r.id, r.label) for r in cfg.gitlab.runners] == [
+        ("https://gitlab.example", 5, "big")]
 
 
 def test_worker_unit_runs_the_worker_with_the_managed_config() -> None:
@@ -40,3 +45,11 @@ def test_worker_unit_runs_the_worker_with_the_managed_config() -> None:
     unit = (ANSIBLE / "files/kata-ci-worker.service").read_text()
     assert "kata-ci worker --config /etc/kata-ci/config.toml" in unit
     assert "dest: /etc/kata-ci/config.toml" in (ANSIBLE / "site.yml").read_text()
+
+
+def test_gitlab_unit_runs_the_poller_on_the_managed_config() -> None:
+    """systemd starts `kata-ci gitlab run` on the file the playbook writes, and may write
+    only there (token rotation)."""
+    unit = (ANSIBLE / "files/kata-ci-gitlab.service").read_text()
+    assert "kata-ci gitlab run --config /etc/kata-ci/config.toml" in unit
+    assert "ReadWritePaths=/etc/kata-ci" in unit and "ProtectSystem=strict" in unit

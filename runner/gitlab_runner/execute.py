@@ -1,0 +1,288 @@
+"""The worker's side of a job GitLab handed us: workspace, VM, caches and artifacts.
+
+In gitlab-runner's stage order: get_sources (sources.py), restore_cache, download_artifacts,
+the steps in the VM (steps.py), archive_cache, upload_artifacts. Everything but the steps
+runs on the host, before the VM starts or after it is gone, and every host read of the
+workspace after the job ran goes through files.py (beneath it, never following a link).
+Caches live on this host per GitLab instance, project and key (as gitlab-runner's local
+cache without a shared store); artifacts go to GitLab.
+
+The trace itself is not sent from here: the job's output goes to its Redis log, masked,
+and the poller that took the job (poller.py) ships it to GitLab and reports the ending.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from kata_ci import __version__, paths
+from kata_ci.errors import SystemFailure, UserError
+from kata_ci.executors.network.policy import NetworkPolicy
+from kata_ci.executors.provider import VMProvider
+from kata_ci.runner.core.command import Cancel
+from kata_ci.runner.core.config import Config
+from kata_ci.runner.core.env import job_env
+from kata_ci.runner.core.lifecycle import run_job
+from kata_ci.runner.core.outcome import Outcome, OutcomeKind
+from kata_ci.runner.core.secrets import GITLAB_MASK, Masker, MaskingSink, secret_problem
+from kata_ci.runner.core.sinks import LogSink, note
+from kata_ci.runner.core.spec import JobSpec, job_network
+from kata_ci.runner.gitlab_runner import files, selection, sources
+from kata_ci.runner.gitlab_runner.api import GitLabAPI
+from kata_ci.runner.gitlab_runner.masking import PrefixMaskingSink
+from kata_ci.runner.gitlab_runner.payload import GitLabJob, parse_job
+from kata_ci.runner.gitlab_runner.steps import (
+    GitLabSteps,
+    expand,
+    guest_project_dir,
+    runner_variables,
+    variables,
+)
+from kata_ci.runner.queue.workspace import hand_over
+
+log = logging.getLogger("kata_ci.gitlab")
+MAX_MEMBERS = 200_000
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the worker hands over for one GitLab job."""
+
+    config: Config
+    provider: VMProvider
+    label: str
+    network: NetworkPolicy  # the label's
+    workdir: Path  # empty, private, under the worker's quota
+    cancel: Cancel  # hard: the lifecycle's
+    graceful: Cancel  # GitLab's canceling
+
+
+def run(entry: dict[str, object], sink: LogSink, ctx: Context) -> Outcome:
+    """Run the job to its Outcome; never raises for what the job or GitLab did."""
+    try:
+        job = parse_job(entry.get("payload"))
+        url = str(entry.get("url", ""))
+        api = GitLabAPI(url, verify=str(entry.get("ca") or "") or True)
+    except UserError as exc:
+        note(sink, f"system failure: {exc}")
+        return Outcome.system_failure(SystemFailure(str(exc)))
+    masker = Masker([], GITLAB_MASK)
+    prefixed = PrefixMaskingSink(sink, job.mask_prefixes)
+    masked = MaskingSink(prefixed, masker)
+    try:
+        return _run(job, api, int(str(entry.get("runner_id", 0)) or 0), masked, ctx)
+    finally:
+        with contextlib.suppress(Exception):
+            masked.flush()
+        with contextlib.suppress(Exception):
+            prefixed.flush()
+        api.close()
+
+
+def _run(job: GitLabJob, api: GitLabAPI, runner_id: int, sink: MaskingSink,
+         ctx: Context) -> Outcome:
+    note(sink, f"Running with kata-ci {__version__}, GitLab job {job.id} ({job.name}) in a "
+               "fresh microVM")
+    project_dir = guest_project_dir(job)
+    found = variables(job, runner_variables(job, project_dir, runner_id))
+    for name, value in {**found.masked, "CI_JOB_TOKEN": job.token}.items():
+        if secret_problem(value) is None:
+            sink.add(value)
+        elif name != "CI_JOB_TOKEN":
+            note(sink, f"masked variable {name} is too short to mask; the job does not run")
+            return Outcome.job_failure(f"masked variable {name} cannot be masked")
+    if job.image or job.services:
+        note(sink, "image/services are not supported yet: the job runs in kata-ci's own image")
+    cache_root = _cache_root(ctx.config, api.url)
+    try:
+        sources.check_git()
+        tracked = sources.fetch(job, ctx.workdir, found.env, sink)
+        _restore_caches(job, cache_root, ctx.workdir, found.env, sink)
+        _download_dependencies(job, api, ctx.workdir, ctx.config, sink)
+        hand_over(ctx.workdir)
+        timeout = min(float(job.timeout or ctx.config.vm.timeout),
+                      ctx.config.queue.max_job_timeout)
+        spec = JobSpec(
+            name=f"{job.name} (GitLab job {job.id})",
+            script=GitLabSteps(job.steps, found.files, ctx.graceful),
+            env=job_env(found.env), workspace=ctx.workdir, guest_workdir=project_dir,
+            timeout=timeout, grace=ctx.config.vm.grace, boot_timeout=ctx.config.vm.boot_timeout,
+            vcpus=_size(ctx, "vcpus"), memory_mib=_size(ctx, "memory_mib"),
+            network=job_network(ctx.network, found.env, f"GitLab job {job.id}"),
+            secrets={}, mask=GITLAB_MASK)
+    except UserError as exc:
+        note(sink, f"ERROR: {exc}")
+        return Outcome.job_failure(str(exc))
+    except SystemFailure as exc:
+        note(sink, f"system failure: {exc}")
+        return Outcome.system_failure(exc)
+    outcome = run_job(spec, ctx.provider, sink, ctx.cancel)
+    if outcome.kind in (OutcomeKind.SYSTEM_FAILURE,) or ctx.cancel.is_set():
+        return outcome
+    succeeded = outcome.kind is OutcomeKind.SUCCESS
+    after = After(ctx.workdir, tracked, project_dir, found.env, sink)
+    try:
+        _archive_caches(job, cache_root, after, succeeded)
+        _upload_artifacts(job, api, after, succeeded, ctx.config)
+    except UserError as exc:
+        note(sink, f"ERROR: {exc}")
+        return Outcome.job_failure(str(exc)) if succeeded else outcome
+    return outcome
+
+
+def _size(ctx: Context, key: str) -> int:
+    return int(ctx.config.labels.get(ctx.label, {}).get(key, getattr(ctx.config.vm, key)))
+
+
+def _cache_root(config: Config, url: str) -> Path:
+    base = Path(config.gitlab.cache_dir) if config.gitlab.cache_dir else \
+        paths.cache_dir() / "gitlab-cache"
+    return base / hashlib.sha256(url.encode()).hexdigest()[:12]
+
+
+def _due(when: str, succeeded: bool) -> bool:
+    return when == "always" or (when == "on_success") == succeeded
+
+
+def _restore_caches(job: GitLabJob, root: Path, workdir: Path, env: dict[str, str],
+                    sink: LogSink) -> None:
+    for cache in job.caches:
+        if cache.policy == "push":
+            continue
+        keys = [cache.key, *cache.fallback_keys]
+        if env.get("CACHE_FALLBACK_KEY"):
+            keys.append(env["CACHE_FALLBACK_KEY"])
+        for key in keys:
+            archive = files.cache_path(root, job.project_id, key)
+            note(sink, f"Checking cache for {key}...")
+            if not archive.is_file():
+                continue
+            try:
+                with archive.open("rb") as data:
+                    for warning in files.extract_zip(data, workdir, _limit_for(None), MAX_MEMBERS):
+                        note(sink, f"WARNING: {warning}")
+            except UserError as exc:
+                note(sink, f"WARNING: Failed to extract cache {key}: {exc}")
+                continue
+            note(sink, f"Successfully extracted cache {key}")
+            break
+        else:
+            note(sink, f"WARNING: no cache found for {cache.key}")
+
+
+@dataclass(frozen=True)
+class After:
+    """The workspace after the job: what archives are collected from, and how."""
+
+    workdir: Path
+    tracked: frozenset[str]
+    project_dir: str  # the guest's name for workdir: $CI_PROJECT_DIR/out is out
+    env: dict[str, str]  # paths may name variables, as GitLab expands them
+    sink: LogSink
+
+    def collect(self, paths: list[str], exclude: list[str],
+                untracked: bool) -> selection.Collected:
+        found = selection.collect(self.workdir, [expand(p, self.env) for p in paths],
+                              [expand(p, self.env) for p in exclude], untracked, self.tracked,
+                              project_dir=self.project_dir)
+        for warning in found.warnings:
+            self.warn(warning)
+        return found
+
+    def warn(self, text: str) -> None:
+        note(self.sink, f"WARNING: {text}")
+
+
+def _archive_caches(job: GitLabJob, root: Path, after: After, succeeded: bool) -> None:
+    workdir, sink = after.workdir, after.sink
+    for cache in job.caches:
+        if cache.policy == "pull" or not _due(cache.when, succeeded):
+            continue
+        found = after.collect(cache.paths, [], cache.untracked)
+        if not found.files:
+            note(sink, f"Not creating cache {cache.key}: no files match")
+            continue
+        archive = files.cache_path(root, job.project_id, cache.key)
+        archive.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        note(sink, f"Creating cache {cache.key}...")
+        with files.atomic_write(archive) as out:
+            files.write_zip(workdir, found.files, out, _limit_for(None), after.warn)
+        note(sink, f"Created cache {cache.key} ({len(found.files)} files)")
+
+
+def _limit_for(config: Config | None) -> int:
+    return (config.gitlab.max_artifacts_mib if config else 4096) << 20
+
+
+def _download_dependencies(job: GitLabJob, api: GitLabAPI, workdir: Path, config: Config,
+                           sink: LogSink) -> None:
+    for dep in job.dependencies:
+        if not dep.filename:
+            continue
+        note(sink, f"Downloading artifacts for {dep.name} ({dep.id})...")
+        with _scratch() as tmp:
+            try:
+                with tmp.open("w+b") as out:
+                    reply = api.download_artifact(dep.id, dep.token, out, _limit_for(config))
+            except httpx.HTTPError as exc:
+                raise SystemFailure(f"downloading artifacts of job {dep.id}: {exc}") from None
+            if reply.status != 200:
+                raise UserError(f"downloading artifacts of {dep.name} ({dep.id}) failed: "
+                                f"HTTP {reply.status}")
+            with tmp.open("rb") as data:
+                for warning in files.extract_zip(data, workdir, _limit_for(config), MAX_MEMBERS):
+                    note(sink, f"WARNING: {warning}")
+
+
+@contextlib.contextmanager
+def _scratch() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="kata-ci-artifacts-") as tmp:
+        yield Path(tmp) / "archive"
+
+
+def _upload_artifacts(job: GitLabJob, api: GitLabAPI, after: After, succeeded: bool,
+                      config: Config) -> None:
+    workdir, sink = after.workdir, after.sink
+    failures = []
+    for artifact in job.artifacts:
+        if not _due(artifact.when, succeeded):
+            continue
+        found = after.collect(artifact.paths, artifact.exclude, artifact.untracked)
+        if not found.files:
+            note(sink, f"WARNING: no files to upload for {artifact.artifact_type}")
+            continue
+        fmt = artifact.artifact_format or "zip"
+        writer = {"zip": files.write_zip, "gzip": files.write_gzip, "raw": files.write_raw}.get(fmt)
+        if writer is None:
+            raise UserError(f"artifact format {fmt!r} is not supported")
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", artifact.name or "artifacts")[:100] or "artifacts"
+        filename = found.files[0].rsplit("/", 1)[-1] if fmt == "raw" else \
+            f"{name}.{'zip' if fmt == 'zip' else 'gz'}"
+        note(sink, f"Uploading artifacts ({artifact.artifact_type}, {len(found.files)} files)...")
+        with _scratch() as tmp:
+            with tmp.open("wb") as out:
+                writer(workdir, found.files, out, _limit_for(config), after.warn)
+            query = {"artifact_format": fmt, "artifact_type": artifact.artifact_type}
+            if artifact.expire_in:
+                query["expire_in"] = artifact.expire_in
+            try:
+                reply = api.upload_artifact(job.id, job.token, tmp, filename, query)
+            except httpx.HTTPError as exc:
+                failures.append(f"{artifact.artifact_type}: {exc}")
+                continue
+        if reply.status == 201:
+            note(sink, f"Uploaded artifacts ({artifact.artifact_type}): 201 Created")
+        else:
+            failures.append(f"{artifact.artifact_type}: HTTP {reply.status}"
+                            + (" (too large)" if reply.status == 413 else ""))
+    if failures:
+        raise UserError("uploading artifacts failed: " + "; ".join(failures))
