@@ -2,8 +2,9 @@
 (tests/fakes/gitlab.py; GitLab itself cannot be reached here), a real Redis, a real
 `kata-ci worker`, a real `kata-ci gitlab run` and real VMs:
 
-- jobs/request 201 -> first trace byte received by the fake (p50/p95 over N jobs): the
-  commit, the queue, the worker, the source fetch, the VM start and the first PATCH;
+- jobs/request 201 -> first trace byte received by the fake (p50/p95 over N jobs; kata-ci's
+  own first line, before the VM), -> the script's first output line there (the commit, the
+  queue, the worker, the source fetch, the VM start, the PATCH), -> the final PUT;
 - trace latency: a line's arrival in the job's Redis log (the host has it from the guest;
   the Redis entry id is Redis's clock in ms) -> the PATCH carrying it received by the fake,
   at the fake's X-GitLab-Trace-Update-Interval (given; GitLab's default is 3 s);
@@ -90,21 +91,30 @@ def main() -> None:
         procs.append(subprocess.Popen([*KATA_CI, "gitlab", "run", "--config", str(config),
                                        "--check-interval", "0.2"], env=env,
                                       stdout=logs[1], stderr=logs[1]))
-        first, latency = [], []
+        first, output, total, latency = [], [], [], []
         wall = time.time() - time.monotonic()
+        lines = 15
         for i in range(args.jobs):
-            job = fake.add_job([f"echo MARK-{i}", "sleep 2", f"echo LATE-{i}"])
+            job = fake.add_job([f"for n in $(seq {lines}); do echo J{i}-L$n; sleep 0.2; done"])
             done = fake.wait_final(job.id, 600)
             assert done.final and done.final["state"] == "success", bytes(done.trace)
             assert done.handed_at is not None and done.first_trace_at is not None
+            patches = [r for r in fake.requests if r.method == "PATCH" and r.status == 202
+                       and f"/{job.id}/" in r.path]
             first.append(done.first_trace_at - done.handed_at)
-            ours = next(j for j in store.recent(5) if j.argv == [done.payload["job_info"]["name"]])
+            output.append(next(r.at for r in patches if f"J{i}-L1\n".encode() in r.body)
+                          - done.handed_at)
+            total.append(max(r.at for r in fake.requests if r.method == "PUT"
+                             and r.path.endswith(f"/{job.id}")) - done.handed_at)
+            ours = next(j for j in store.recent(5) if j.argv == [done.payload["job_info"]["name"]]
+                        and j.created_at >= wall + done.handed_at - 5)
             entries = store.r.xrange(f"kataci:log:{ours.id}")
-            arrived = next(int(eid.split(b"-")[0]) / 1000 for eid, fields in entries
-                           if f"LATE-{i}".encode() in fields[b"d"])
-            patched = next(r.at + wall for r in fake.requests if r.method == "PATCH"
-                           and f"/{job.id}/" in r.path and f"LATE-{i}".encode() in r.body)
-            latency.append(patched - arrived)
+            for n in range(1, lines + 1):
+                mark = f"J{i}-L{n}\n".encode()
+                arrived = next(int(eid.split(b"-")[0]) / 1000 for eid, fields in entries
+                               if mark in fields[b"d"])
+                patched = next(r.at + wall for r in patches if mark in r.body)
+                latency.append(patched - arrived)
         print(f"\nGitLab runner, {args.jobs} jobs one after another, trace interval "
               f"{args.interval} s (fake GitLab), this machine (TCG):\n")
         print("| measure | p50 | p95 | ratio p50 / VM start p50 |")
@@ -112,7 +122,10 @@ def main() -> None:
         base = statistics.median(boots)
         for name, values in (("bare VM start (floor, same provider)", boots),
                              ("jobs/request 201 -> first trace byte", first),
-                             ("trace latency (Redis log -> PATCH received)", latency)):
+                             ("jobs/request 201 -> first script output at GitLab", output),
+                             ("jobs/request 201 -> final PUT (3 s script)", total),
+                             (f"trace latency per line ({lines} lines/job, Redis log -> "
+                              "PATCH received)", latency)):
             print(f"| {name} | {statistics.median(values):.2f} s | {pct(values, 0.95):.2f} s | "
                   f"{statistics.median(values) / base:.2f} |")
     finally:
