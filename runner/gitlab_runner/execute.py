@@ -102,6 +102,10 @@ def _run(job: GitLabJob, api: GitLabAPI, runner_id: int, sink: MaskingSink,
             return Outcome.job_failure(f"masked variable {name} cannot be masked")
     if job.image or job.services:
         note(sink, "image/services are not supported yet: the job runs in kata-ci's own image")
+    hooks = job.raw.get("hooks")
+    if isinstance(hooks, list) and hooks:
+        names = ", ".join(str(h.get("name", "?"))[:40] for h in hooks if isinstance(h, dict))
+        note(sink, f"hooks ({names}) are not supported: not run")
     cache_root = _cache_root(ctx.config, api.url)
     try:
         sources.check_git()

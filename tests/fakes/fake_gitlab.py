@@ -89,6 +89,8 @@ class FakeGitLab:
         self.put_412_once: set[int] = set()
         self.verify_calls: list[dict[str, Any]] = []
         self.token_expires_in: float | None = None
+        self.personal_token = "glpat-fake-personal-0123456789"
+        self.created_runners: list[dict[str, Any]] = []
         self._dir = tempfile.TemporaryDirectory(prefix="kci-fake-gitlab-")
         self.git = GitServer(repo, Path(self._dir.name), project_path)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -199,6 +201,8 @@ class FakeGitLab:
         route = path.removeprefix("/api/v4/")
         body = _json(rec.body) if rec.headers.get("content-type", "").startswith(
             "application/json") else {}
+        if route in ("user", "user/runners"):
+            return self._user(rec, route, body)
         if route == "runners/verify" and rec.method == "POST":
             return self._verify(body)
         if route == "runners/reset_authentication_token" and rec.method == "POST":
@@ -233,6 +237,24 @@ class FakeGitLab:
             expires = time.strftime("%Y-%m-%dT%H:%M:%S.000Z",
                                     time.gmtime(time.time() + self.token_expires_in))
         return {"id": 1, "token": token, "token_expires_at": expires}
+
+    def _user(self, rec: Recorded, route: str,
+              body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+        """GET /user and POST /user/runners (docs: api/users.md), with a personal token:
+        the created runner's token (fixture user_runners.201.json) is the runner token."""
+        if rec.headers.get("private-token") != self.personal_token:
+            return 401, {}, b'{"message":"401 Unauthorized"}'
+        if route == "user" and rec.method == "GET":
+            return 200, {"Content-Type": "application/json"}, \
+                b'{"id": 1, "username": "fake-admin"}'
+        if route == "user/runners" and rec.method == "POST":
+            if body.get("runner_type") not in ("instance_type", "group_type", "project_type"):
+                return 400, {}, b'{"error":"runner_type does not have a valid value"}'
+            self.created_runners.append(body)
+            self.runner_token = f"glrt-fake-{secrets.token_hex(8)}"
+            return 201, {"Content-Type": "application/json"}, json.dumps(
+                {"id": 9171, "token": self.runner_token, "token_expires_at": None}).encode()
+        return 404, {}, b""
 
     def _verify(self, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
         self.verify_calls.append(body)

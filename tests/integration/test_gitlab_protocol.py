@@ -90,6 +90,30 @@ def test_register_verifies_with_the_full_feature_list_and_writes_the_runner(
     assert runner.token_expires_at > time.time() and path.stat().st_mode & 0o077 == 0
 
 
+def test_register_create_makes_the_runner_with_python_gitlab(fake: FakeGitLab,
+                                                            tmp_path: Path) -> None:
+    """--create project: the runner is created through POST /user/runners with the personal
+    token (python-gitlab), then verified and stored; the personal token is stored nowhere."""
+    secret = tmp_path / "pat"
+    secret.write_text(fake.personal_token + "\n")
+    path = tmp_path / "config.toml"
+    done = subprocess.run([*KATA_CI, "gitlab", "register", "--url", fake.url, "--create",
+                           "project", "--target-id", "7", "--tag", "kata-ci",
+                           "--personal-token-file", str(secret), "--config", str(path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert fake.created_runners == [{"runner_type": "project_type", "project_id": 7,
+                                     "tag_list": ["kata-ci"], "run_untagged": False,
+                                     "description": "kata-ci"}]
+    assert config_mod.load(path).gitlab.runners[0].token == fake.runner_token
+    assert fake.personal_token not in path.read_text()
+    secret.write_text("glpat-wrong")
+    refused = subprocess.run([*KATA_CI, "gitlab", "register", "--url", fake.url, "--create",
+                              "instance", "--personal-token-file", str(secret), "--config",
+                              str(tmp_path / "other.toml")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+
+
 def test_no_job_is_taken_without_a_free_worker_slot(fake: FakeGitLab, store: JobStore,
                                                     redis_server: RedisServer,
                                                     tmp_path: Path) -> None:
