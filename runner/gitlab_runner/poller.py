@@ -36,6 +36,7 @@ from kata_ci.runner.gitlab_runner.api import GitLabAPI
 from kata_ci.runner.gitlab_runner.follow import Follower, describe, inflight, record, try_lock
 from kata_ci.runner.gitlab_runner.payload import parse_job
 from kata_ci.runner.gitlab_runner.settings import GitLabRunner
+from kata_ci.runner.queue import capacity
 from kata_ci.runner.queue.app import queue_name
 from kata_ci.runner.queue.store import JobStore
 
@@ -103,7 +104,8 @@ class Poller:
         try:
             while not self.stop.is_set():
                 runner = self._rotate(api, runner)
-                if self.store.free_slots(runner.label, queue_name(runner.label)) <= 0:
+                if capacity.free_slots(self.store.r, runner.label,
+                                       queue_name(runner.label)) <= 0:
                     self.stop.wait(0.5)
                     continue
                 started = time.monotonic()

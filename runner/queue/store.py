@@ -26,8 +26,7 @@ Keys (prefix ``kataci:``):
                   died on this host when the host's next worker starts
   cancel:<id>     set by `cancel` for the worker running the job (it polls): "1" hard,
                   "graceful" (GitLab's canceling: the script stops, after_script runs)
-  worker:<name>   hash: labels, concurrency, busy; expires unless its worker renews it
-                  (how `gitlab run` knows whether a label has a free slot)
+  worker:<name>   a worker's free slots (capacity.py)
 
 A job from GitLab carries ``source`` = gitlab and ``gitlab`` (JSON: the runner it came
 through and the job payload, its job token included) until its poller has told GitLab how
@@ -409,34 +408,6 @@ class JobStore:
     def cancel_requested(self, job_id: str, hard_only: bool = False) -> bool:
         value = self.r.get(self._cancel(job_id))
         return value is not None and not (hard_only and value == b"graceful")
-
-    # -- capacity -------------------------------------------------------------------------------
-    def announce(self, worker: str, labels: Sequence[str], concurrency: int, busy: int,
-                 ttl: float) -> None:
-        """This worker serves ``labels`` with ``concurrency`` slots, ``busy`` of them taken;
-        forgotten unless renewed within ``ttl`` s (a dead worker has no free slots)."""
-        key = f"{PREFIX}worker:{worker}"
-        pipe = self.r.pipeline()
-        pipe.hset(key, mapping={"labels": json.dumps(list(labels)),
-                                "concurrency": str(concurrency), "busy": str(busy)})
-        pipe.pexpire(key, max(1, int(ttl * 1000)))
-        pipe.execute()
-
-    def withdraw(self, worker: str) -> None:
-        self.r.delete(f"{PREFIX}worker:{worker}")
-
-    def free_slots(self, label: str, queue_key: str) -> int:
-        """Slots of the live workers serving ``label`` not taken by a running job or by a
-        message still waiting in its Celery queue (the Redis list ``queue_key``)."""
-        free = 0
-        for key in self.r.scan_iter(f"{PREFIX}worker:*", count=200):
-            raw = cast(dict[bytes, bytes], self.r.hgetall(key))
-            try:
-                if label in json.loads(raw.get(b"labels", b"[]")):
-                    free += int(raw.get(b"concurrency", b"0")) - int(raw.get(b"busy", b"0"))
-            except (ValueError, TypeError):
-                continue
-        return free - int(self.r.llen(queue_key))
 
     @staticmethod
     def _job(job_id: str) -> str:

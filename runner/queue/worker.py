@@ -35,7 +35,7 @@ from kata_ci.runner.core.lifecycle import run_job
 from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
 from kata_ci.runner.core.sinks import Stream, note
 from kata_ci.runner.core.spec import Command, Commands, JobSpec, job_network
-from kata_ci.runner.queue import quota
+from kata_ci.runner.queue import capacity, quota
 from kata_ci.runner.queue.app import TASK, make_app, queue_name, sender
 from kata_ci.runner.queue.lease import Heartbeat, Reaper
 from kata_ci.runner.queue.store import Job, JobStore
@@ -91,8 +91,7 @@ class Daemon:
             self.busy += change
             if self._slots:
                 with contextlib.suppress(Exception):
-                    self.store.announce(self.name, self._slots[0], self._slots[1], self.busy,
-                                        self.ttl)
+                    capacity.announce(self.store.r, self.name, *self._slots, self.busy, self.ttl)
 
     def announce(self, labels: list[str], concurrency: int) -> None:
         """Tell Redis this worker's free slots, every lease_ttl/3 until it stops: `gitlab
@@ -100,12 +99,13 @@ class Daemon:
         def loop() -> None:
             while not self.stopping.wait(self.ttl / 3):
                 with contextlib.suppress(Exception):
-                    self.store.announce(self.name, labels, concurrency, self.busy, self.ttl)
+                    capacity.announce(self.store.r, self.name, labels, concurrency, self.busy,
+                                      self.ttl)
             with contextlib.suppress(Exception):
-                self.store.withdraw(self.name)
+                capacity.withdraw(self.store.r, self.name)
 
         self._slots = (labels, concurrency)
-        self.store.announce(self.name, labels, concurrency, self.busy, self.ttl)
+        capacity.announce(self.store.r, self.name, labels, concurrency, self.busy, self.ttl)
         threading.Thread(target=loop, name="kata-ci-announce", daemon=True).start()
 
     def reap(self) -> list[str]:

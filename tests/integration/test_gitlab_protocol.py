@@ -23,6 +23,7 @@ from kata_ci.runner.gitlab_runner.api import FEATURES
 from kata_ci.runner.gitlab_runner.follow import INFLIGHT
 from kata_ci.runner.gitlab_runner.payload import parse_job
 from kata_ci.runner.gitlab_runner.poller import Poller
+from kata_ci.runner.queue import capacity
 from kata_ci.runner.queue.app import queue_name, sender
 from kata_ci.runner.queue.store import JobStore
 from tests.e2e.conftest import KATA_CI
@@ -127,7 +128,7 @@ def test_no_job_is_taken_without_a_free_worker_slot(fake: FakeGitLab, store: Job
     try:
         time.sleep(1.5)
         assert not any(r.path.endswith("/jobs/request") for r in fake.requests)
-        store.announce("w1", ["default"], 1, 0, 30)
+        capacity.announce(store.r, "w1", ["default"], 1, 0, 30)
         _wait(lambda: store.r.llen(queue_name("default")) == 1, 10, "the job to be queued")
         committed = [r for r in fake.requests if r.method == "PUT"]
         assert committed and b'"running"' in committed[0].body
@@ -154,7 +155,7 @@ def test_a_job_another_runner_committed_is_dropped(fake: FakeGitLab, store: JobS
     poller = Poller(config, None, store, sender(redis_server.url, 3600), check_interval=0.1)
     fake.conflict_next_commit = True
     job = fake.add_job(["echo hi"])
-    store.announce("w1", ["default"], 1, 0, 30)
+    capacity.announce(store.r, "w1", ["default"], 1, 0, 30)
     thread = threading.Thread(target=poller.run, daemon=True)
     thread.start()
     try:
@@ -174,7 +175,7 @@ def test_the_follower_ships_the_trace_relays_cancel_and_reports_once(
     once with a checksum GitLab verifies, and the job leaves the in-flight set."""
     config = config_mod.load(_config(tmp_path, fake, redis_server.url))
     poller = Poller(config, None, store, lambda job_id, label: None, check_interval=0.1)
-    store.announce("w1", ["default"], 1, 0, 30)
+    capacity.announce(store.r, "w1", ["default"], 1, 0, 30)
     job = fake.add_job(["echo hi"])
     fake.trace_416_once.add(job.id)
     thread = threading.Thread(target=poller.run, daemon=True)
@@ -249,7 +250,7 @@ def test_a_job_whose_worker_died_is_failed_towards_gitlab(
     timeout."""
     config = config_mod.load(_config(tmp_path, fake, redis_server.url))
     poller = Poller(config, None, store, lambda job_id, label: None, check_interval=0.1)
-    store.announce("w1", ["default"], 1, 0, 30)
+    capacity.announce(store.r, "w1", ["default"], 1, 0, 30)
     job = fake.add_job(["sleep 100"])
     thread = threading.Thread(target=poller.run, daemon=True)
     thread.start()
@@ -282,7 +283,7 @@ def test_a_token_near_its_expiry_is_rotated_and_written_back(
     fake.token_expires_in = 3600
     poller = Poller(config_mod.load(path), path, store, lambda job_id, label: None,
                     check_interval=0.1)
-    store.announce("w1", ["default"], 1, 0, 30)
+    capacity.announce(store.r, "w1", ["default"], 1, 0, 30)
     thread = threading.Thread(target=poller.run, daemon=True)
     thread.start()
     try:
