@@ -157,16 +157,22 @@ def test_a_job_runs_with_sources_cache_artifacts_and_after_script(
 def test_masked_values_never_reach_gitlab_in_any_form(
         gitlab: FakeGitLab, runner: Callable[[], tuple[Worker, Poller]]) -> None:
     """A masked variable printed whole, split across writes, and in base64, and a glpat-
-    token the job was never given: none of them is in any request GitLab received."""
+    token the job was never given: none of them is in any request GitLab received. A file
+    variable is a file in the guest, a raw one is not expanded."""
     encoded = base64.b64encode(SECRET.encode()).decode()
     job = gitlab.add_job(
         ['printf "%s" "$MY_SECRET"; echo',
          'printf "%s" "${MY_SECRET:0:9}"; sleep 0.3; printf "%s\\n" "${MY_SECRET:9}"',
-         'printf "%s" "$MY_SECRET" | base64', "echo glpat-abcdefghij0123456789"],
-        variables=[{"key": "MY_SECRET", "value": SECRET, "masked": True, "public": False}])
+         'printf "%s" "$MY_SECRET" | base64', "echo glpat-abcdefghij0123456789",
+         'echo "file at $SETTINGS"; cat "$SETTINGS"', 'echo "raw is $RAWV"'],
+        variables=[{"key": "MY_SECRET", "value": SECRET, "masked": True, "public": False},
+                   {"key": "SETTINGS", "value": "[server]\nport=8080\n", "file": True},
+                   {"key": "RAWV", "value": "$CI_JOB_ID-x", "raw": True}])
     runner()
     done = gitlab.wait_final(job.id, 300)
     assert done.final is not None and done.final["state"] == "success", bytes(done.trace)
+    assert b"file at /run/kata-ci/variables/SETTINGS\n[server]\nport=8080" in done.trace
+    assert b"raw is $CI_JOB_ID-x" in done.trace
     assert b"[MASKED]" in done.trace and b"glpat-[MASKED]" in done.trace
     for request in gitlab.requests:
         for form in (SECRET, encoded, "abcdefghij0123456789"):
