@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kata_ci.executors.provider import VMRequest, open_provider
 from kata_ci.runner.queue.store import JobStore
-from tests.fakes.fake_gitlab import FakeGitLab
+from tests.fakes.gitlab import FakeGitLab
 from tests.integration.redis_server import RedisServer
 
 KATA_CI = [sys.executable, "-m", "kata_ci.runner.cli"]

@@ -22,7 +22,7 @@ import pytest
 from kata_ci.runner.queue.store import JobStore
 from tests.e2e.conftest import KATA_CI
 from tests.e2e.test_daemon import Worker, wait_until
-from tests.fakes.fake_gitlab import FakeGitLab, FakeJob
+from tests.fakes.gitlab import FakeGitLab, FakeJob
 from tests.integration.redis_server import RedisServer
 
 SECRET = "s3cr3t-Value-0xC0FFEE"

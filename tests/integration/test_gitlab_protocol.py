@@ -1,4 +1,4 @@
-"""kata-ci's GitLab runner against the contract FAKE of GitLab (tests/fakes/fake_gitlab.py)
+"""kata-ci's GitLab runner against the contract FAKE of GitLab (tests/fakes/gitlab.py)
 with a real Redis and real git, no VMs: registration, taking jobs only with a free slot, the
 two-phase commit, following a job's trace and ending, cancel relays, the host-side fetch."""
 
@@ -27,7 +27,7 @@ from kata_ci.runner.queue import capacity
 from kata_ci.runner.queue.app import queue_name, sender
 from kata_ci.runner.queue.store import JobStore
 from tests.e2e.conftest import KATA_CI
-from tests.fakes.fake_gitlab import FakeGitLab
+from tests.fakes.gitlab import FakeGitLab
 from tests.integration.redis_server import RedisServer
 
 
