@@ -73,6 +73,9 @@ def register(url: str, token: str | None, token_file: Path | None, create: str |
     cfg.policy(label)  # an unknown or broken label is refused before anything is written
     if create:
         token = _create(url, create, personal_token_file, target_id, list(tags), tls_ca_file)
+    if token and not create:
+        out.print("[yellow]kata-ci:[/] --token leaves the token in this shell's history and "
+                  "in the process list; --token-file or $KATA_CI_GITLAB_TOKEN do not")
     token = token or _read_secret(token_file, "KATA_CI_GITLAB_TOKEN", "--token-file")
     if not token:
         raise UserError("give the runner token: --token, --token-file or $KATA_CI_GITLAB_TOKEN")

@@ -80,7 +80,11 @@ class Reply:
 
 
 def check_url(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a bad port raises here, not in the middle of a request
+    except ValueError:
+        raise UserError(f"GitLab URL {url!r} is not a URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
         raise UserError(f"GitLab URL {url!r} must be http(s)://host[:port][/path]")
     return url.rstrip("/")

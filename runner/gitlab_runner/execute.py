@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -93,7 +94,11 @@ def _run(job: GitLabJob, api: GitLabAPI, runner_id: int, sink: MaskingSink,
     note(sink, f"Running with kata-ci {__version__}, GitLab job {job.id} ({job.name}) in a "
                "fresh microVM")
     project_dir = guest_project_dir(job)
-    found = variables(job, runner_variables(job, project_dir, runner_id))
+    try:
+        found = variables(job, runner_variables(job, project_dir, runner_id))
+    except UserError as exc:
+        note(sink, f"ERROR: {exc}")
+        return Outcome.job_failure(str(exc))
     for name, value in {**found.masked, "CI_JOB_TOKEN": job.token}.items():
         if secret_problem(value) is None:
             sink.add(value)
@@ -110,8 +115,11 @@ def _run(job: GitLabJob, api: GitLabAPI, runner_id: int, sink: MaskingSink,
     try:
         sources.check_git()
         tracked = sources.fetch(job, ctx.workdir, found.env, sink)
-        _restore_caches(job, cache_root, ctx.workdir, found.env, sink)
+        _check_cancel(ctx)
+        _restore_caches(job, cache_root, ctx.workdir, found.env, sink, ctx.config)
+        _check_cancel(ctx)
         _download_dependencies(job, api, ctx.workdir, ctx.config, sink)
+        _check_cancel(ctx)
         hand_over(ctx.workdir)
         timeout = min(float(job.timeout or ctx.config.vm.timeout),
                       ctx.config.queue.max_job_timeout)
@@ -129,18 +137,31 @@ def _run(job: GitLabJob, api: GitLabAPI, runner_id: int, sink: MaskingSink,
     except SystemFailure as exc:
         note(sink, f"system failure: {exc}")
         return Outcome.system_failure(exc)
+    except _Cancelled:
+        note(sink, "job cancelled before its VM started")
+        return Outcome.cancelled("cancelled before the VM started")
     outcome = run_job(spec, ctx.provider, sink, ctx.cancel)
     if outcome.kind in (OutcomeKind.SYSTEM_FAILURE,) or ctx.cancel.is_set():
         return outcome
     succeeded = outcome.kind is OutcomeKind.SUCCESS
     after = After(ctx.workdir, tracked, project_dir, found.env, sink)
     try:
-        _archive_caches(job, cache_root, after, succeeded)
+        _archive_caches(job, cache_root, after, succeeded, ctx.config)
         _upload_artifacts(job, api, after, succeeded, ctx.config)
     except UserError as exc:
         note(sink, f"ERROR: {exc}")
         return Outcome.job_failure(str(exc)) if succeeded else outcome
     return outcome
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _check_cancel(ctx: Context) -> None:
+    """Between the host-side stages: a cancel (either kind) stops the job before its VM."""
+    if ctx.cancel.check_now() or ctx.graceful.check_now():
+        raise _Cancelled
 
 
 def _size(ctx: Context, key: str) -> int:
@@ -158,13 +179,18 @@ def _due(when: str, succeeded: bool) -> bool:
 
 
 def _restore_caches(job: GitLabJob, root: Path, workdir: Path, env: dict[str, str],
-                    sink: LogSink) -> None:
+                    sink: LogSink, config: Config) -> None:
     for cache in job.caches:
         if cache.policy == "push":
             continue
         keys = [cache.key, *cache.fallback_keys]
-        if env.get("CACHE_FALLBACK_KEY"):
-            keys.append(env["CACHE_FALLBACK_KEY"])
+        fallback = env.get("CACHE_FALLBACK_KEY", "")
+        if fallback.endswith("-protected"):
+            # GitLab keeps protected branches' caches apart by this suffix: a job must not
+            # reach one through its own variable (gitlab-runner refuses it the same way)
+            note(sink, "WARNING: CACHE_FALLBACK_KEY may not name a protected cache; ignored")
+        elif fallback:
+            keys.append(fallback)
         for key in keys:
             archive = files.cache_path(root, job.project_id, key)
             note(sink, f"Checking cache for {key}...")
@@ -172,8 +198,10 @@ def _restore_caches(job: GitLabJob, root: Path, workdir: Path, env: dict[str, st
                 continue
             try:
                 with archive.open("rb") as data:
-                    for warning in files.extract_zip(data, workdir, _limit_for(None), MAX_MEMBERS):
+                    for warning in files.extract_zip(data, workdir, _limit_for(config),
+                                                     MAX_MEMBERS):
                         note(sink, f"WARNING: {warning}")
+                os.utime(archive)  # recently used: the last to be evicted
             except UserError as exc:
                 note(sink, f"WARNING: Failed to extract cache {key}: {exc}")
                 continue
@@ -206,7 +234,8 @@ class After:
         note(self.sink, f"WARNING: {text}")
 
 
-def _archive_caches(job: GitLabJob, root: Path, after: After, succeeded: bool) -> None:
+def _archive_caches(job: GitLabJob, root: Path, after: After, succeeded: bool,
+                    config: Config) -> None:
     workdir, sink = after.workdir, after.sink
     for cache in job.caches:
         if cache.policy == "pull" or not _due(cache.when, succeeded):
@@ -219,12 +248,31 @@ def _archive_caches(job: GitLabJob, root: Path, after: After, succeeded: bool) -
         archive.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         note(sink, f"Creating cache {cache.key}...")
         with files.atomic_write(archive) as out:
-            files.write_zip(workdir, found.files, out, _limit_for(None), after.warn)
+            files.write_zip(workdir, found.files, out, _limit_for(config), after.warn)
         note(sink, f"Created cache {cache.key} ({len(found.files)} files)")
+        _evict(root, config.gitlab.cache_max_mib << 20, keep=archive)
 
 
-def _limit_for(config: Config | None) -> int:
-    return (config.gitlab.max_artifacts_mib if config else 4096) << 20
+def _evict(root: Path, budget: int, keep: Path) -> None:
+    """Least recently used caches go until this GitLab's caches fit ``budget``: a job
+    chooses its cache keys, so keys alone must not fill the host's disk."""
+    found = []
+    for path in root.glob("*/*.zip"):
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            found.append((info.st_mtime, info.st_size, path))
+    total = sum(size for _, size, _ in found)
+    for _, size, path in sorted(found):
+        if total <= budget:
+            break
+        if path != keep:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                total -= size
+
+
+def _limit_for(config: Config) -> int:
+    return config.gitlab.max_artifacts_mib << 20
 
 
 def _download_dependencies(job: GitLabJob, api: GitLabAPI, workdir: Path, config: Config,

@@ -28,14 +28,14 @@ import httpx
 
 from kata_ci.errors import KataCIError
 from kata_ci.runner.gitlab_runner.api import GitLabAPI, Reply
-from kata_ci.runner.queue.store import PREFIX, JobStore
+from kata_ci.runner.queue.store import PREFIX, Job, JobStore
 
 log = logging.getLogger("kata_ci.gitlab")
 INFLIGHT = f"{PREFIX}gitlab:inflight"  # set of job ids whose ending GitLab has not had yet
 CHUNK = 1 << 20  # gitlab-runner's DefaultTracePatchLimit
 TOUCH_AFTER = 30.0  # gitlab-runner's forceSendInterval
 LOCK_TTL = 15.0
-FINAL_ATTEMPTS = 10
+FINAL_PATIENCE = 3600.0  # s of retrying the final update (202s, GitLab down) before giving up
 ALWAYS_SUPPORTED = ("script_failure", "runner_system_failure", "job_execution_timeout")
 ENDINGS = {  # Redis state -> (GitLab state, failure_reason)
     "success": ("success", ""), "failed": ("failed", "script_failure"),
@@ -75,6 +75,7 @@ class Follower(threading.Thread):
         self.sent = 0
         self.ended = threading.Event()  # the Redis log is read to its end
         self.abort = False  # GitLab no longer wants anything for this job
+        self.lost = False  # the job's record is gone from Redis: GitLab is told it failed
         self.wake = threading.Event()
 
     def run(self) -> None:
@@ -103,11 +104,10 @@ class Follower(threading.Thread):
                 self.wake.set()
                 if self.stopping.is_set():
                     return
-        except KataCIError as exc:  # the job's record is gone (deleted by hand): nothing to do
+        except KataCIError as exc:  # the job's record is gone (deleted by hand)
             log.warning("job %s: its log cannot be read: %s", self.job_id, exc)
-            self.abort = True
-        else:
-            self.ended.set()
+            self.lost = True
+        self.ended.set()
         self.wake.set()
 
     def _holds_lock(self) -> bool:
@@ -118,15 +118,20 @@ class Follower(threading.Thread):
         return True
 
     def _follow(self) -> None:
-        last_sent, next_patch = time.monotonic(), 0.0
+        last_sent, next_patch, failures = time.monotonic(), 0.0, 0
         while not self.stopping.is_set() and self._holds_lock():
             self.wake.clear()  # before looking: a chunk arriving from here on wakes the wait
             ended = self.ended.is_set()
             pending = self.sent < len(self.trace)
             if pending and (ended or time.monotonic() >= next_patch):
-                self._patch()
+                advanced = self._patch()
                 last_sent = time.monotonic()
-                next_patch = last_sent + self.interval  # GitLab's pace, not the job's
+                failures = 0 if advanced else failures + 1
+                # GitLab's pace, not the job's; a PATCH that did not go through waits longer
+                next_patch = last_sent + (self.interval if advanced else
+                                          min(60.0, self.interval * 2 ** min(failures, 6)))
+                if not advanced:
+                    ended = False  # not at once, even for a job that has ended
             elif not pending and not ended and time.monotonic() - last_sent >= self._touch_after:
                 self._relay(self._put({"state": "running", "output": self._output()}))
                 last_sent = time.monotonic()
@@ -137,10 +142,12 @@ class Follower(threading.Thread):
                 return
             timeout = min(LOCK_TTL / 3, self._touch_after)  # the lock is renewed this often
             if self.sent < len(self.trace):
-                timeout = 0.0 if ended else min(timeout, max(0.0, next_patch - time.monotonic()))
+                due = max(0.0, next_patch - time.monotonic())
+                timeout = 0.0 if ended and not failures else min(timeout, due)
             self.wake.wait(timeout)
         if self.abort:
             self._done("GitLab no longer accepts updates for it")
+        self.trace = bytearray()  # a poller runs for months: no finished trace stays held
 
     @property
     def _touch_after(self) -> float:
@@ -149,22 +156,28 @@ class Follower(threading.Thread):
         a job printing nothing would otherwise only hear of every 30 s."""
         return min(TOUCH_AFTER, max(self.interval, 3.0))
 
-    def _patch(self) -> None:
+    def _patch(self) -> bool:
+        """One chunk to GitLab; whether it went through (or GitLab's offset was taken)."""
         chunk = bytes(self.trace[self.sent:self.sent + CHUNK])
         try:
             reply = self.api.patch_trace(self.gitlab_id, self.token, self.sent, chunk)
         except httpx.HTTPError as exc:
             log.warning("job %s: trace update failed: %s", self.job_id, exc)
-            return
-        if reply.status == 202:
+            return False
+        advanced = reply.status == 202
+        if advanced:
             self.sent += len(chunk)
         elif reply.status == 416:
             end = reply.range_end
             # GitLab holds a different amount: resend from where it is (0 if it lost it)
+            advanced = end is not None and 0 <= end <= len(self.trace) and end != self.sent
             self.sent = end if end is not None and 0 <= end <= len(self.trace) else 0
         elif reply.status in (403, 404):
             self.abort = True
+        else:
+            log.warning("job %s: trace update: %s", self.job_id, describe(reply))
         self._relay(reply)
+        return advanced
 
     def _relay(self, reply: Reply | None) -> None:
         """GitLab's say about the job: a cancel, a new interval."""
@@ -191,15 +204,20 @@ class Follower(threading.Thread):
                 "bytesize": len(self.trace)}
 
     def _finish(self) -> None:
-        job = self.store.get(self.job_id)
-        state, reason = ENDINGS.get(job.state, ("failed", "runner_system_failure"))
+        try:
+            job: Job | None = self.store.get(self.job_id)
+        except KataCIError:
+            job = None
+        state, reason = ENDINGS.get(job.state if job else "", ("failed", "runner_system_failure"))
         body: dict[str, Any] = {"state": state, "output": self._output()}
         body["checksum"] = body["output"]["checksum"]  # the older spelling, for older GitLab
         if state == "failed":
             body["failure_reason"] = failure_reason(reason, self.reasons)
-            if job.exit_code is not None and reason == "script_failure":
+            if job is not None and job.exit_code is not None and reason == "script_failure":
                 body["exit_code"] = job.exit_code
-        for attempt in range(FINAL_ATTEMPTS):
+        deadline = time.monotonic() + FINAL_PATIENCE
+        attempt = 0
+        while time.monotonic() < deadline:
             reply = self._put(body)
             if reply is not None and reply.status == 200:
                 self._done(f"GitLab has its ending: {state} {body.get('failure_reason', '')}")
@@ -209,13 +227,24 @@ class Follower(threading.Thread):
                 return
             if reply is not None and reply.status == 412:
                 self.sent = 0  # GitLab could not verify the trace: all of it again
-                while self.sent < len(self.trace) and not self.abort:
-                    self._patch()
+                for _ in range(len(self.trace) // CHUNK + 3):
+                    if self.sent >= len(self.trace) or self.abort or not self._patch():
+                        break
+                body["output"] = self._output()
+            attempt += 1
             wait = (reply.interval if reply is not None and reply.interval else
-                    min(60.0, 2.0 ** attempt))
-            if self.stopping.wait(wait):
-                return  # the next poller carries on
-        self._done("gave up sending its ending")
+                    2.0 ** min(attempt, 6))
+            if not self._sleep(min(wait, 900.0)):
+                return  # stopping, or another poller holds the job now: it carries on
+        self._done(f"gave up sending its ending after {FINAL_PATIENCE / 3600:g} h")
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait, renewing the follow lock meanwhile; False when stopping or the lock is lost."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self.stopping.wait(min(left, LOCK_TTL / 3)) or not self._holds_lock():
+                return False
+        return True
 
     def _done(self, why: str) -> None:
         log.info("job %s: GitLab job %s: %s", self.job_id, self.gitlab_id, why)

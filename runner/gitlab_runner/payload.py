@@ -136,12 +136,16 @@ class GitLabJob:
 def _clean_url(url: str) -> str:
     """The repository URL without the credentials GitLab puts in it (they travel in a
     header instead); only http(s), which is all GitLab hands out."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a bad port, an unclosed [
+        raise UserError("GitLab job payload: git_info.repo_url is not a URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError("GitLab job payload: git_info.repo_url is not an http(s) URL")
     netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-    if parts.port:
-        netloc += f":{parts.port}"
+    if port:
+        netloc += f":{port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 

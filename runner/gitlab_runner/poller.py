@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 
 from kata_ci.errors import KataCIError, UserError
+from kata_ci.runner.core import config as config_mod
 from kata_ci.runner.core.config import Config
 from kata_ci.runner.gitlab_runner import settings
 from kata_ci.runner.gitlab_runner.api import GitLabAPI
@@ -84,6 +85,9 @@ class Poller:
             thread.join(timeout=5)
 
     def adopt(self) -> None:
+        with self.lock:  # finished followers go: a poller runs for months
+            for job_id in [j for j, f in self.followers.items() if not f.is_alive()]:
+                del self.followers[job_id]
         for job_id in inflight(self.store):
             with self.lock:
                 follower = self.followers.get(job_id)
@@ -103,34 +107,57 @@ class Poller:
         last_update, failures = "", 0
         try:
             while not self.stop.is_set():
-                runner = self._rotate(api, runner)
-                if capacity.free_slots(self.store.r, runner.label,
-                                       queue_name(runner.label)) <= 0:
-                    self.stop.wait(0.5)
-                    continue
-                started = time.monotonic()
                 try:
-                    reply = api.request_job(runner.token, runner.system_id, last_update)
-                except httpx.HTTPError as exc:
-                    failures += 1
-                    log.warning("%s: jobs/request failed: %s", runner.shown, exc)
-                    self.stop.wait(min(60.0, 2.0 ** failures))
-                    continue
-                failures = 0
-                if reply.status == 201:
-                    self._take(api, runner, reply.json())
-                    continue
-                if reply.status == 204:
-                    last_update = reply.headers.get("x-gitlab-last-update", last_update)
-                    if time.monotonic() - started < 1.0:  # no long poll in front of GitLab
-                        self.stop.wait(self.check_interval)
-                    continue
-                level = logging.ERROR if reply.status == 403 else logging.WARNING
-                log.log(level, "%s: jobs/request: %s%s", runner.shown, describe(reply),
-                        " (is the runner token valid?)" if reply.status == 403 else "")
-                self.stop.wait(60.0 if reply.status == 403 else self.check_interval)
+                    runner, last_update, failures = self._once(api, runner, last_update,
+                                                               failures)
+                except Exception:  # Redis away, a bug of ours: this runner keeps polling
+                    log.exception("%s: polling failed; trying again", runner.shown)
+                    self.stop.wait(5.0)
         finally:
             api.close()
+
+    def _once(self, api: GitLabAPI, runner: GitLabRunner, last_update: str,
+              failures: int) -> tuple[GitLabRunner, str, int]:
+        """One turn of a runner's loop: (runner, last_update, failures) for the next."""
+        runner = self._rotate(api, runner)
+        if capacity.free_slots(self.store.r, runner.label,
+                               queue_name(runner.label)) <= 0:
+            self.stop.wait(0.5)
+            return runner, last_update, failures
+        started = time.monotonic()
+        try:
+            reply = api.request_job(runner.token, runner.system_id, last_update)
+        except httpx.HTTPError as exc:
+            failures += 1
+            log.warning("%s: jobs/request failed: %s", runner.shown, exc)
+            self.stop.wait(min(60.0, 2.0 ** failures))
+            return runner, last_update, failures
+        failures = 0
+        if reply.status == 201:
+            self._take(api, runner, reply.json())
+            return runner, last_update, failures
+        if reply.status == 204:
+            last_update = reply.headers.get("x-gitlab-last-update", last_update)
+            if time.monotonic() - started < 1.0:  # no long poll in front of GitLab
+                self.stop.wait(self.check_interval)
+            return runner, last_update, failures
+        level = logging.ERROR if reply.status == 403 else logging.WARNING
+        log.log(level, "%s: jobs/request: %s%s", runner.shown, describe(reply),
+                " (is the runner token valid?)" if reply.status == 403 else "")
+        self.stop.wait(60.0 if reply.status == 403 else self.check_interval)
+        if reply.status == 403:  # another poller may have rotated the token: read it again
+            runner = self._reread(runner)
+        return runner, last_update, failures
+
+    def _reread(self, runner: GitLabRunner) -> GitLabRunner:
+        if self.config_path is None:
+            return runner
+        try:
+            fresh = config_mod.load(self.config_path).gitlab.runners
+        except KataCIError as exc:
+            log.warning("%s: cannot read %s again: %s", runner.shown, self.config_path, exc)
+            return runner
+        return next((r for r in fresh if (r.url, r.id) == (runner.url, runner.id)), runner)
 
     def _take(self, api: GitLabAPI, runner: GitLabRunner, payload: Any) -> None:
         job_id = payload.get("id") if isinstance(payload, dict) else None
@@ -156,9 +183,13 @@ class Poller:
         entry = {"url": runner.url, "runner_id": runner.id, "runner": runner.shown,
                  "ca": runner.tls_ca_file, "payload": payload, "gitlab_id": job_id}
         limit = self.config.queue.max_job_timeout
-        created = self.store.create([job.name], runner.label, min(job.timeout or limit, limit),
-                                    None, gitlab=entry)
-        record(self.store, created.id)
+        try:
+            created = self.store.create([job.name], runner.label,
+                                        min(job.timeout or limit, limit), None, gitlab=entry)
+            record(self.store, created.id)
+        except Exception as exc:  # Redis gone after the commit: GitLab must not wait for it
+            self._refuse(api, job_id, token, f"the runner could not queue it ({exc})")
+            raise
         with self.lock:
             if try_lock(self.store, created.id, self.owner):
                 self._follow(created.id)

@@ -95,7 +95,21 @@ def _regex(pattern: str) -> str:
     return "".join(out)
 
 
+MAX_STARS_PER_NAME = 3  # each more multiplies the backtracking of one match by a name's length
+MAX_STARS = 8
+MAX_ALTERNATIVES = 16
+MAX_GLOBSTARS = 2  # `**` components: each is a loop over a path's depth
+
+
 def _compile(pattern: str) -> re.Pattern[str]:
+    """The pattern as a regex, refused (ValueError) when its wildcards could make one match
+    backtrack for minutes: the job writes both the pattern and the names it is tried on."""
+    stars = [len(re.findall(r"\*+", part)) for part in pattern.split("/")]
+    if max(stars, default=0) > MAX_STARS_PER_NAME or sum(stars) > MAX_STARS or \
+            pattern.count("{") + pattern.count(",") > MAX_ALTERNATIVES or \
+            sum(part.startswith("**") for part in pattern.split("/")) > MAX_GLOBSTARS:
+        raise ValueError(f"too many wildcards (at most {MAX_STARS_PER_NAME} per name, "
+                         f"{MAX_STARS} in all, {MAX_GLOBSTARS} `**`)")
     return re.compile(_regex(pattern), re.DOTALL)  # DOTALL: a name may hold a newline
 
 

@@ -2,7 +2,8 @@
 
     [gitlab]
     cache_dir = ""          # host-side job caches; empty: ~/.cache/kata-ci/gitlab-cache
-    max_artifacts_mib = 1024
+    max_artifacts_mib = 1024  # one artifacts or cache archive
+    cache_max_mib = 10240   # all caches of one GitLab on this host; least recently used go
 
     [[gitlab.runners]]      # one per runner (instance, group or project); written by register
     name = "gitlab.example.com"
@@ -67,12 +68,13 @@ class GitLabConfig:
     runners: list[GitLabRunner] = field(default_factory=list)
     cache_dir: str = ""
     max_artifacts_mib: int = 1024
+    cache_max_mib: int = 10240
 
 
 def parse(source: str, table: Any) -> GitLabConfig:
     if not isinstance(table, dict):
         raise UserError(f"{source}: [gitlab] must be a table")
-    unknown = set(table) - {"runners", "cache_dir", "max_artifacts_mib"}
+    unknown = set(table) - {"runners", "cache_dir", "max_artifacts_mib", "cache_max_mib"}
     if unknown:
         raise UserError(f"{source}: unknown key(s) gitlab.{', gitlab.'.join(sorted(unknown))}")
     runners = []
@@ -99,10 +101,12 @@ def parse(source: str, table: Any) -> GitLabConfig:
         runners.append(GitLabRunner(**values))
     cache_dir = table.get("cache_dir", "")
     limit = table.get("max_artifacts_mib", 1024)
-    if not isinstance(cache_dir, str) or not isinstance(limit, int) or limit <= 0:
+    budget = table.get("cache_max_mib", 10240)
+    if not isinstance(cache_dir, str) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (limit, budget)):
         raise UserError(f"{source}: gitlab.cache_dir must be a path, gitlab.max_artifacts_mib "
-                        "a positive number")
-    return GitLabConfig(runners, cache_dir, limit)
+                        "and gitlab.cache_max_mib positive numbers")
+    return GitLabConfig(runners, cache_dir, limit, budget)
 
 
 def new_system_id() -> str:

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kata_ci import __version__
+from kata_ci.errors import UserError
 from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.lifecycle import Session
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
@@ -49,19 +50,32 @@ class Variables:
 
 
 def expand(value: str, known: Mapping[str, str]) -> str:
-    """$VAR and ${VAR} from ``known`` (unknown: empty, as a shell would), $$ for a dollar."""
+    """$VAR and ${VAR} from ``known`` (unknown: empty, as a shell would), $$ for a dollar.
+    One pass over ``value``: what a variable holds is not expanded again."""
+    if len(value) > MAX_VALUE:
+        raise UserError(f"a value of more than {MAX_VALUE >> 20} MiB")
     return _REF.sub(lambda m: "$" if m.group(0) == "$$" else
-                    known.get(m.group(1) or m.group(2), ""), value)
+                    known.get(m.group(1) or m.group(2), "")[:MAX_VALUE + 1], value)
+
+
+MAX_VALUE = 1 << 20  # one expanded variable
+MAX_TOTAL = 16 << 20  # all of them: `V2: $V1$V1`, `V3: $V2$V2`... doubles at each step
 
 
 def variables(job: GitLabJob, extra: Mapping[str, str]) -> Variables:
     """The job's variables in GitLab's order (payload, then the runner's own ``extra``, which
-    the job cannot override), expanded and placed."""
+    the job cannot override), expanded and placed. UserError when expansion grows past
+    MAX_VALUE for one or MAX_TOTAL for all (the worker's memory is not the job's)."""
     known: dict[str, str] = {}
     files: dict[str, bytes] = {}
     masked: dict[str, str] = {}
+    total = 0
     for var in job.variables:
         value = var.value if var.raw else expand(var.value, known)
+        total += len(value)
+        if len(value) > MAX_VALUE or total > MAX_TOTAL:
+            raise UserError(f"variable {var.key} expands to more than "
+                            f"{(MAX_VALUE if len(value) > MAX_VALUE else MAX_TOTAL) >> 20} MiB")
         if var.masked and value:
             masked[var.key] = value
         if var.file:
@@ -95,13 +109,17 @@ class GitLabSteps:
         if self.files:
             session.put_files(self.files, 0o600)
         outcome = Outcome(OutcomeKind.SUCCESS, 0, "job succeeded")
+        if self._stopped(session):  # GitLab's canceling came while the VM started
+            outcome = Outcome.cancelled()
         after: list[Step] = []
         for step in self.steps:
             if step.name == "after_script":
                 after.append(step)
                 continue
+            if self._stopped(session) and outcome.kind is OutcomeKind.SUCCESS:
+                outcome = Outcome.cancelled()  # between steps: the job is cancelled, not done
             failed = outcome.kind is not OutcomeKind.SUCCESS
-            if not _due(step.when, failed) or self._stopped(session) or \
+            if not _due(step.when, failed) or \
                     outcome.kind in (OutcomeKind.SYSTEM_FAILURE, OutcomeKind.CANCELLED):
                 continue
             result = session.run(Command(["bash", "-c", job_script(step.script)]),

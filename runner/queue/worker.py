@@ -98,7 +98,7 @@ class Daemon:
         run` takes a job from GitLab only while a worker of its label has one free."""
         def loop() -> None:
             while not self.stopping.wait(self.ttl / 3):
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception), self._busy_lock:  # never a stale count
                     capacity.announce(self.store.r, self.name, labels, concurrency, self.busy,
                                       self.ttl)
             with contextlib.suppress(Exception):

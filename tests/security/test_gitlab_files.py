@@ -306,3 +306,16 @@ def test_modes_are_masked(into: Path) -> None:
     files.extract_zip(data, into, 1 << 20, 10)
     assert stat.S_IMODE((into / "suid").stat().st_mode) == 0o755
     assert stat.S_IMODE((into / "d").stat().st_mode) == 0o777
+
+
+@pytest.mark.timeout(20)
+def test_a_pattern_built_to_backtrack_is_refused_not_run(ws: Path) -> None:
+    """`*a*a*a*a*a*a*a*ab` against a long name of a's would backtrack for hours in the
+    worker: it is refused with a warning, and a pattern within the bounds stays fast."""
+    (ws / ("a" * 200)).write_text("x")
+    deep = ws.joinpath(*["a"] * 60)
+    deep.mkdir(parents=True)
+    result = selection.collect(ws, ["*a*a*a*a*a*a*a*ab", "**/**/**/**/x"])
+    assert result.files == []
+    assert sum("too many wildcards" in w for w in result.warnings) == 2
+    assert selection.collect(ws, ["*a*a*ab", "**/a/**/x"]).files == []

@@ -64,6 +64,8 @@ def test_the_runners_own_test_payload_parses() -> None:
     (("git_info", "sha"), "--output=/etc/passwd"),
     (("git_info", "repo_url"), "ext::sh -c touch% /tmp/pwned"),
     (("git_info", "repo_url"), "file:///etc"),
+    (("git_info", "repo_url"), "http://[::1/x.git"),
+    (("git_info", "repo_url"), "http://host:99999/x.git"),
     (("variables",), [{"key": "A B", "value": "x"}]),
     (("steps",), [{"name": "../x", "script": ["true"]}]),
     (("steps",), [{"name": "script", "script": "not a list"}]),
@@ -202,3 +204,33 @@ def test_gitlab_times_parse() -> None:
     """token_expires_at in GitLab's ISO form; nothing or junk is 'no expiry'."""
     assert parse_time("2021-09-27T21:05:03.203Z") == pytest.approx(1632776703.203)
     assert parse_time(None) == 0.0 and parse_time("soon") == 0.0
+
+
+def test_variables_that_double_at_each_step_stop_the_job_not_the_worker() -> None:
+    """`V2: $V1$V1`, `V3: $V2$V2`...: expansion past 1 MiB for one or 16 MiB in all is the
+    job's error, before the worker's memory goes."""
+    raw = _fixture()
+    raw["variables"] = [{"key": "V0", "value": "x" * 1000}] + [
+        {"key": f"V{i}", "value": f"$V{i - 1}$V{i - 1}"} for i in range(1, 40)]
+    with pytest.raises(UserError, match="expands to more than"):
+        variables(parse_job(raw), {})
+
+
+def test_a_fallback_key_may_not_reach_a_protected_cache(tmp_path: Path) -> None:
+    """CACHE_FALLBACK_KEY=<key>-protected from an unprotected job is ignored with a warning:
+    GitLab's suffixes keep protected branches' caches apart."""
+    from kata_ci.runner.gitlab_runner import execute, files
+
+    root, ws = tmp_path / "cache", tmp_path / "ws"
+    ws.mkdir()
+    secret = files.cache_path(root, 7, "release-protected")
+    secret.parent.mkdir(parents=True)
+    secret.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip
+    raw = _fixture()
+    raw["cache"] = [{"key": "mine-non_protected", "paths": ["x"], "policy": "pull"}]
+    sink = Collect()
+    execute._restore_caches(parse_job(raw), root, ws,
+                            {"CACHE_FALLBACK_KEY": "release-protected"}, sink,
+                            config_mod.Config())
+    assert b"may not name a protected cache" in sink.out
+    assert b"release-protected" not in sink.out.replace(b"protected cache", b"")
