@@ -11,6 +11,7 @@ packages=(
   debootstrap e2fsprogs xz-utils                        # guest rootfs
   redis-server                                          # the queue broker (tests start their own)
   nftables                                              # each VM's network policy
+  git                                                   # GitLab jobs' sources; git-http-backend in tests
   python3 python3-venv python3-dev ca-certificates
 )
 missing=()
