@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kata_ci.executors.provider import VMRequest, open_provider
 from kata_ci.runner.queue.store import JobStore
+from tests.fakes.git_http import make_repo
 from tests.fakes.gitlab import FakeGitLab
 from tests.integration.redis_server import RedisServer
 
@@ -53,16 +54,6 @@ def floor(count: int) -> list[float]:
     return times
 
 
-def repo(root: Path) -> Path:
-    path = root / "repo"
-    path.mkdir()
-    env = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@e", "GIT_COMMITTER_NAME": "b",
-           "GIT_COMMITTER_EMAIL": "b@e", "PATH": "/usr/bin:/bin", "HOME": str(root)}
-    (path / "README").write_text("bench\n")
-    for args in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-qm", "bench"]):
-        subprocess.run(["git", *args], cwd=path, env=env, check=True)
-    return path
-
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -73,7 +64,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="kci-bench-gl-", dir="/tmp"))
     redis = RedisServer()
     redis.start()
-    fake = FakeGitLab(repo(root), long_poll=5.0, trace_interval=args.interval)
+    fake = FakeGitLab(make_repo(root, {"README": "bench\n"}, "bench"), long_poll=5.0,
+                      trace_interval=args.interval)
     fake.start()
     config = root / "config.toml"
     config.write_text(

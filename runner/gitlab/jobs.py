@@ -92,16 +92,20 @@ class GitLabScript:
         outcome = session.run(Command(["bash", "-c", main]))
         if self.job.after_script and outcome.kind is not OutcomeKind.SYSTEM_FAILURE \
                 and not session.cancel.is_set():
-            status = "success" if outcome.kind is OutcomeKind.SUCCESS else "failed"
-            after = session.run(Command(
-                ["bash", "-c", job_script(self.job.after_script)],
-                env={**session.spec.env, "CI_JOB_STATUS": status},
-                timeout=AFTER_SCRIPT_TIMEOUT, within_job_timeout=False,
-                timeout_message=f"after_script timed out after {AFTER_SCRIPT_TIMEOUT:g}s"))
-            if after.kind is not OutcomeKind.SUCCESS:
-                session.note(f"after_script failed ({after.message}); the job's status is "
-                             "unchanged")
+            run_after_script(session, self.job.after_script,
+                             "success" if outcome.kind is OutcomeKind.SUCCESS else "failed")
         return outcome
+
+
+def run_after_script(session: Session, lines: list[str], status: str) -> None:
+    """after_script as GitLab runs it: a fresh shell with CI_JOB_STATUS, 5 minutes of its
+    own outside the job's timeout; its failure is noted and changes nothing."""
+    after = session.run(Command(
+        ["bash", "-c", job_script(lines)], env={**session.spec.env, "CI_JOB_STATUS": status},
+        timeout=AFTER_SCRIPT_TIMEOUT, within_job_timeout=False,
+        timeout_message=f"after_script timed out after {AFTER_SCRIPT_TIMEOUT:g}s"))
+    if after.kind is not OutcomeKind.SUCCESS:
+        session.note(f"after_script failed ({after.message}); the job's status is unchanged")
 
 
 def select(pipeline: Pipeline, names: list[str], only: bool) -> list[CIJob]:

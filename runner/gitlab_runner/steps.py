@@ -25,7 +25,7 @@ from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.lifecycle import Session
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
 from kata_ci.runner.core.spec import Command
-from kata_ci.runner.gitlab.jobs import AFTER_SCRIPT_TIMEOUT, job_script
+from kata_ci.runner.gitlab.jobs import job_script, run_after_script
 from kata_ci.runner.gitlab_runner.payload import GitLabJob, Step
 
 FILE_VARS_DIR = "/run/kata-ci/variables"
@@ -136,14 +136,7 @@ class GitLabSteps:
             status = {OutcomeKind.SUCCESS: "success",
                       OutcomeKind.CANCELLED: "canceled"}.get(outcome.kind, "failed")
             session.note("Running after_script...")
-            ran = session.run(Command(
-                ["bash", "-c", job_script(step.script)],
-                env={**session.spec.env, "CI_JOB_STATUS": status},
-                timeout=AFTER_SCRIPT_TIMEOUT, within_job_timeout=False,
-                timeout_message=f"after_script timed out after {AFTER_SCRIPT_TIMEOUT:g}s"))
-            if ran.kind is not OutcomeKind.SUCCESS:
-                session.note(f"after_script failed ({ran.message}); the job's status is "
-                             "unchanged")
+            run_after_script(session, step.script, status)
         return outcome
 
     def _stopped(self, session: Session) -> bool:

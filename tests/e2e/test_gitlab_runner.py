@@ -22,22 +22,12 @@ import pytest
 from kata_ci.runner.queue.store import JobStore
 from tests.e2e.conftest import KATA_CI
 from tests.e2e.test_daemon import Worker, wait_until
+from tests.fakes.git_http import make_repo
 from tests.fakes.gitlab import FakeGitLab, FakeJob
 from tests.integration.redis_server import RedisServer
 
 SECRET = "s3cr3t-Value-0xC0FFEE"
 
-
-def _repo(root: Path) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@e", "PATH": "/usr/bin:/bin", "HOME": str(root)}
-    (repo / "hello.txt").write_text("hello from the repository\n")
-    (repo / "tracked.txt").write_text("tracked\n")
-    for args in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-qm", "first"]):
-        subprocess.run(["git", *args], cwd=repo, env=env, check=True)
-    return repo
 
 
 class Poller:
@@ -65,7 +55,9 @@ class Poller:
 
 @pytest.fixture
 def gitlab(tmp_path: Path) -> Iterator[FakeGitLab]:
-    fake = FakeGitLab(_repo(tmp_path), long_poll=2.0, trace_interval=1)
+    repo = make_repo(tmp_path, {"hello.txt": "hello from the repository\n",
+                                "tracked.txt": "tracked\n"})
+    fake = FakeGitLab(repo, long_poll=2.0, trace_interval=1)
     fake.start()
     yield fake
     fake.stop()

@@ -83,3 +83,17 @@ def _env() -> dict[str, str]:
     # no user or system git config: the fake serves the same whoever runs the tests
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent",
             "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"}
+
+
+def make_repo(root: Path, files: dict[str, str], message: str = "first") -> Path:
+    """A project repository for a fake GitLab to serve: ``root``/repo with ``files``
+    committed on branch main by a test identity (no user or system git config)."""
+    repo = root / "repo"
+    repo.mkdir()
+    for name, text in files.items():
+        (repo / name).write_text(text)
+    env = {**_env(), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e"}
+    for args in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-qm", message]):
+        subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, env=env)
+    return repo

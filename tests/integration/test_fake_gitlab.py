@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.fakes.git_http import make_repo
 from tests.fakes.gitlab import ANOTHER_RUNNER, FAILURE_REASONS, FakeGitLab, FakeJob
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gitlab"
@@ -36,13 +37,7 @@ def _git(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProce
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    (repo / "a.txt").write_text("from git\n")
-    _git("init", "-q", "-b", "main", cwd=repo)
-    _git("add", ".", cwd=repo)
-    _git("commit", "-qm", "one", cwd=repo)
-    return repo
+    return make_repo(tmp_path, {"a.txt": "from git\n"}, "one")
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ two-phase commit, following a job's trace and ending, cancel relays, the host-si
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -27,24 +28,14 @@ from kata_ci.runner.queue import capacity
 from kata_ci.runner.queue.app import queue_name, sender
 from kata_ci.runner.queue.store import JobStore
 from tests.e2e.conftest import KATA_CI
+from tests.fakes.git_http import make_repo
 from tests.fakes.gitlab import FakeGitLab
 from tests.integration.redis_server import RedisServer
 
 
-def _repo(root: Path) -> Path:
-    repo = root / "repo"
-    repo.mkdir()
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@e", "PATH": "/usr/bin:/bin", "HOME": str(root)}
-    (repo / "a.txt").write_text("from git\n")
-    for args in (["init", "-q", "-b", "main"], ["add", "."], ["commit", "-qm", "one"]):
-        subprocess.run(["git", *args], cwd=repo, env=env, check=True)
-    return repo
-
-
 @pytest.fixture
 def fake(tmp_path: Path) -> Iterator[FakeGitLab]:
-    with FakeGitLab(_repo(tmp_path), long_poll=0.5) as gitlab:
+    with FakeGitLab(make_repo(tmp_path, {"a.txt": "from git\n"}), long_poll=0.5) as gitlab:
         yield gitlab
 
 
@@ -60,6 +51,18 @@ def _config(tmp_path: Path, fake: FakeGitLab, broker: str) -> Path:
                     f'[[gitlab.runners]]\nurl = "{fake.url}"\ntoken = "{fake.runner_token}"\n'
                     'system_id = "s_0123456789ab"\nid = 1\nlabel = "default"\n')
     return path
+
+
+@contextlib.contextmanager
+def polling(poller: Poller) -> Iterator[None]:
+    """The poller running in a thread for the block, stopped after it however it ends."""
+    thread = threading.Thread(target=poller.run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        poller.stop.set()
+        thread.join(10)
 
 
 def _wait(check: object, seconds: float, what: str) -> None:
@@ -123,9 +126,7 @@ def test_no_job_is_taken_without_a_free_worker_slot(fake: FakeGitLab, store: Job
     config = config_mod.load(_config(tmp_path, fake, redis_server.url))
     poller = Poller(config, None, store, sender(redis_server.url, 3600), check_interval=0.1)
     job = fake.add_job(["echo hi"])
-    thread = threading.Thread(target=poller.run, daemon=True)
-    thread.start()
-    try:
+    with polling(poller):
         time.sleep(1.5)
         assert not any(r.path.endswith("/jobs/request") for r in fake.requests)
         capacity.announce(store.r, "w1", ["default"], 1, 0, 30)
@@ -142,9 +143,6 @@ def test_no_job_is_taken_without_a_free_worker_slot(fake: FakeGitLab, store: Job
         fake.add_job(["echo two"])
         time.sleep(1.0)
         assert sum(r.path.endswith("/jobs/request") for r in fake.requests) == asked
-    finally:
-        poller.stop.set()
-        thread.join(10)
 
 
 def test_a_job_another_runner_committed_is_dropped(fake: FakeGitLab, store: JobStore,
@@ -156,16 +154,11 @@ def test_a_job_another_runner_committed_is_dropped(fake: FakeGitLab, store: JobS
     fake.conflict_next_commit = True
     job = fake.add_job(["echo hi"])
     capacity.announce(store.r, "w1", ["default"], 1, 0, 30)
-    thread = threading.Thread(target=poller.run, daemon=True)
-    thread.start()
-    try:
+    with polling(poller):
         _wait(lambda: any(r.status == 409 for r in fake.requests), 10, "the 409")
         time.sleep(0.5)
         assert store.r.llen(queue_name("default")) == 0 and not store.recent(1)
         assert not any(f"/{job.id}/trace" in r.path for r in fake.requests)
-    finally:
-        poller.stop.set()
-        thread.join(10)
 
 
 def test_the_follower_ships_the_trace_relays_cancel_and_reports_once(
@@ -178,9 +171,7 @@ def test_the_follower_ships_the_trace_relays_cancel_and_reports_once(
     capacity.announce(store.r, "w1", ["default"], 1, 0, 30)
     job = fake.add_job(["echo hi"])
     fake.trace_416_once.add(job.id)
-    thread = threading.Thread(target=poller.run, daemon=True)
-    thread.start()
-    try:
+    with polling(poller):
         _wait(lambda: store.recent(1), 10, "the job in Redis")
         ours = store.recent(1)[0]
         token = store.claim(ours.id, "w", "h", 1, 30)
@@ -199,9 +190,6 @@ def test_the_follower_ships_the_trace_relays_cancel_and_reports_once(
         _wait(lambda: not store.r.sismember(INFLIGHT, ours.id), 10, "the job to be reported")
         assert store.gitlab(ours.id) is None  # its payload and job token are gone from Redis
         assert any(r.status == 416 for r in fake.requests)
-    finally:
-        poller.stop.set()
-        thread.join(10)
 
 
 class Collect:
@@ -252,9 +240,7 @@ def test_a_job_whose_worker_died_is_failed_towards_gitlab(
     poller = Poller(config, None, store, lambda job_id, label: None, check_interval=0.1)
     capacity.announce(store.r, "w1", ["default"], 1, 0, 30)
     job = fake.add_job(["sleep 100"])
-    thread = threading.Thread(target=poller.run, daemon=True)
-    thread.start()
-    try:
+    with polling(poller):
         _wait(lambda: store.recent(1), 10, "the job in Redis")
         ours = store.recent(1)[0]
         token = store.claim(ours.id, "w", "h", 1, 30)
@@ -266,9 +252,6 @@ def test_a_job_whose_worker_died_is_failed_towards_gitlab(
         assert done.final["failure_reason"] == "runner_system_failure"
         assert bytes(done.trace).startswith(b"working\n") and b"worker" in done.trace
         assert done.checksum_ok
-    finally:
-        poller.stop.set()
-        thread.join(10)
 
 
 def test_a_token_near_its_expiry_is_rotated_and_written_back(
@@ -284,9 +267,7 @@ def test_a_token_near_its_expiry_is_rotated_and_written_back(
     poller = Poller(config_mod.load(path), path, store, lambda job_id, label: None,
                     check_interval=0.1)
     capacity.announce(store.r, "w1", ["default"], 1, 0, 30)
-    thread = threading.Thread(target=poller.run, daemon=True)
-    thread.start()
-    try:
+    with polling(poller):
         _wait(lambda: fake.runner_token != old, 10, "the token reset")
         _wait(lambda: any(r.path.endswith("/jobs/request") and
                           r.headers.get("runner-token") == fake.runner_token
@@ -294,6 +275,3 @@ def test_a_token_near_its_expiry_is_rotated_and_written_back(
         runner = config_mod.load(path).gitlab.runners[0]
         assert runner.token == fake.runner_token and runner.token_expires_at > now + 3000
         assert path.stat().st_mode & 0o077 == 0
-    finally:
-        poller.stop.set()
-        thread.join(10)
