@@ -34,6 +34,9 @@ class VMSpec:
     max_file_size: int | None = None  # bytes; no file the guest writes in the workspace grows past
     extra_kernel_args: tuple[str, ...] = field(default=())
     extra_qemu_args: tuple[str, ...] = field(default=())  # operators' escape hatch; bench uses it
+    # A read-only image stacked above the rootfs (images/runner_layer.py: /opt/actions-runner);
+    # the guest's second disk, kataci.layer=1 on its command line.
+    layer: Path | None = None
 
     @property
     def workdir(self) -> str | None:

@@ -20,6 +20,7 @@ from kata_ci.errors import RestoreFailed, SystemFailure
 from kata_ci.executors.base import VM, Backend, VMSpec
 from kata_ci.executors.network.policy import NONE, NetworkPolicy
 from kata_ci.executors.templates import Template, TemplateStore
+from kata_ci.images.artifacts import Manifest
 from kata_ci.images.build import load_current
 
 StartMode = Literal["snapshot", "cold"]
@@ -159,6 +160,15 @@ class SnapshotProvider(ColdBootProvider):
         return keys
 
 
+def base_spec(manifest: Manifest, max_file_size: int | None = None) -> VMSpec:
+    """The VM every job starts from: the manifest's images, its runner layer when it has one
+    (then every VM has it, cold or restored: the layer is part of the template key)."""
+    return VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
+                  rootfs=Path(manifest.rootfs.path),
+                  layer=Path(manifest.runner.path) if manifest.runner else None,
+                  max_file_size=max_file_size)
+
+
 def open_provider(accel: str, notify: Notify, max_file_size: int | None = None,
                   start: StartMode = "snapshot") -> ColdBootProvider:
     """Once per process: images, acceleration, and the VMs of earlier kata-ci processes that
@@ -176,8 +186,7 @@ def open_provider(accel: str, notify: Notify, max_file_size: int | None = None,
     if decision.fresh and decision.accel == "tcg":
         notify(f"using TCG software emulation, not KVM: {decision.reason} "
                "Jobs run several times slower; `kata-ci doctor` explains.")
-    base = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
-                  rootfs=Path(manifest.rootfs.path), max_file_size=max_file_size)
+    base = base_spec(manifest, max_file_size=max_file_size)
     backend = QemuBackend(decision.accel, run_root, Path(manifest.tools.path))
     if start == "cold":
         return ColdBootProvider(backend, base, "cold boot asked for (--cold or [vm] start)")

@@ -9,6 +9,11 @@
  * whose upper layer is a tmpfs (every VM writes to its own throw-away layer); bind the agent
  * code from the initramfs into it; switch root; start the agent; reap; power off.
  *
+ * kataci.layer=1: the host attached the runner layer (images/runner_layer.py, GitHub's
+ * actions runner at /opt/actions-runner) as a second read-only disk, /dev/vdb. It joins the
+ * overlay's lower layers above the rootfs, so its files show in / and a job may change them
+ * like any other file: in its own tmpfs, never in the image other VMs share.
+ *
  * The workspace (virtio-fs tag "workspace") is not mounted here: the agent's Mount RPC runs
  * this binary as kata-ci-mount PATH once the host names the job's directory. A VM restored
  * from a snapshot has the kernel command line of the template it was saved from, so nothing
@@ -271,14 +276,23 @@ int main(int argc, char **argv_in) {
     }
     must_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     must_mount("/dev/vda", "/lower", "ext4", MS_RDONLY, "noload");
+    /* A layer the host asked for and that will not mount is fatal like the rootfs: a job
+     * must never start in a VM that silently lacks /opt/actions-runner. */
+    const char *lower = "lowerdir=/lower";
+    if (option("layer", value, sizeof value) && strcmp(value, "1") == 0) {
+        mkdirs("/layer", 0755);
+        must_mount("/dev/vdb", "/layer", "ext4", MS_RDONLY | MS_NOSUID | MS_NODEV, "noload");
+        lower = "lowerdir=/layer:/lower";  /* leftmost is uppermost */
+    }
     if (!option("overlay_size", value, sizeof value)) strcpy(value, "50%");
     char data[1200];
     snprintf(data, sizeof data, "size=%s,mode=0755", value);
     must_mount("tmpfs", "/rw", "tmpfs", MS_NOSUID | MS_NODEV, data);
     mkdirs("/rw/upper", 0755);
     mkdirs("/rw/work", 0755);
-    must_mount("overlay", "/newroot", "overlay", 0,
-               "lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work");
+    char layers[128];
+    snprintf(layers, sizeof layers, "%s,upperdir=/rw/upper,workdir=/rw/work", lower);
+    must_mount("overlay", "/newroot", "overlay", 0, layers);
     mkdirs("/newroot/opt/kata-ci/agent", 0755);
     must_mount("/kata-ci", "/newroot/opt/kata-ci/agent", NULL, MS_BIND, NULL);
     must_mount("/dev", "/newroot/dev", NULL, MS_MOVE, NULL);

@@ -74,25 +74,34 @@ class Manifest:
     rootfs: Artifact
     initramfs: Artifact
     tools: Artifact  # a directory: kata-ci-jail and virtiofsd (images/tools.py)
+    # Optional: the operator's actions-runner tarball as a read-only ext4 layer every VM sees
+    # at /opt/actions-runner (images/runner_layer.py). Absent from manifests without one.
+    runner: Artifact | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
+        record = asdict(self)
+        if self.runner is None:
+            del record["runner"]  # as older kata-ci wrote it: a manifest without a layer
+        return json.dumps(record, indent=2, sort_keys=True)
 
     @classmethod
     def load(cls, cache: Path) -> Manifest:
         path = cache / MANIFEST_NAME
         try:
             raw = json.loads(path.read_text())
-            manifest = cls(**{k: Artifact(**raw[k]) for k in KINDS})
+            runner = raw.get("runner")
+            manifest = cls(**{k: Artifact(**raw[k]) for k in KINDS},
+                           runner=Artifact(**runner) if runner is not None else None)
         except FileNotFoundError:
             raise ImagesMissing(
                 f"guest images are not built (no {path}): run `kata-ci images build`"
             ) from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ImagesMissing(
                 f"image manifest {path} is unreadable ({exc}): run `kata-ci images build`"
             ) from None
-        for artifact in (manifest.kernel, manifest.rootfs, manifest.initramfs, manifest.tools):
+        for artifact in (manifest.kernel, manifest.rootfs, manifest.initramfs, manifest.tools,
+                         *([manifest.runner] if manifest.runner else [])):
             if not Path(artifact.path).exists():
                 raise ImagesMissing(
                     f"image {artifact.path} is missing: run `kata-ci images build`"

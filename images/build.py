@@ -1,18 +1,21 @@
-"""``kata-ci images build``: kernel, rootfs and initramfs, then the manifest that ties them."""
+"""``kata-ci images build``: kernel, rootfs and initramfs (and the optional runner layer),
+then the manifest that ties them."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
 
-from kata_ci.errors import ImagesMissing
-from kata_ci.images.artifacts import Manifest, Progress
+from kata_ci.errors import ImagesMissing, UserError
+from kata_ci.images.artifacts import MANIFEST_NAME, Artifact, Manifest, Progress
 from kata_ci.images.initramfs import build_initramfs, initramfs_key
 from kata_ci.images.kernel import build_kernel
 from kata_ci.images.rootfs import build_rootfs, guest_python_version
+from kata_ci.images.runner_layer import build_runner_layer
 from kata_ci.images.tools import SYSTEM_TOOLS, build_tools, tools_key
 
 # Root's images, published for every user of the host: `kata-ci run` by an ordinary user
@@ -21,12 +24,25 @@ from kata_ci.images.tools import SYSTEM_TOOLS, build_tools, tools_key
 SYSTEM_IMAGES = SYSTEM_TOOLS.parent / "images"
 
 
-def build_all(cache: Path, progress: Progress, mirror: str | None = None) -> Manifest:
+def build_all(cache: Path, progress: Progress, mirror: str | None = None,
+              runner_tarball: Path | None = None, drop_runner: bool = False) -> Manifest:
+    """Every image, then the manifest. The runner layer (images/runner_layer.py) is built from
+    ``runner_tarball`` when given; without one, the layer of the previous manifest is kept
+    while its file exists (the operator configured it once, and a later plain `images build`,
+    e.g. after a kata-ci upgrade, must not silently take /opt/actions-runner from every VM);
+    ``drop_runner`` removes it from the manifest."""
+    if runner_tarball is not None and drop_runner:
+        raise UserError("a runner tarball and dropping the runner layer exclude each other")
     kernel = build_kernel(cache, progress)
     rootfs = build_rootfs(cache, progress, mirror)
     initramfs = build_initramfs(cache, progress, guest_python_version(rootfs))
     tools = build_tools(cache, progress, mirror)
-    manifest = Manifest(kernel=kernel, rootfs=rootfs, initramfs=initramfs, tools=tools)
+    if runner_tarball is not None:
+        runner: Artifact | None = build_runner_layer(cache, progress, runner_tarball)
+    else:
+        runner = None if drop_runner else _previous_layer(cache, progress)
+    manifest = Manifest(kernel=kernel, rootfs=rootfs, initramfs=initramfs, tools=tools,
+                        runner=runner)
     manifest.save(cache)
     if os.geteuid() == 0:
         publish(manifest, progress)
@@ -37,7 +53,7 @@ def publish(manifest: Manifest, progress: Progress) -> None:
     """Root's artifacts under SYSTEM_IMAGES (hard links where the file system allows, else
     copies), with a manifest naming them. Old keys are left: a running VM may use them."""
     published = {}
-    for kind in ("kernel", "initramfs", "rootfs"):
+    for kind in ("kernel", "initramfs", "rootfs", *(["runner"] if manifest.runner else [])):
         artifact = getattr(manifest, kind)
         source = Path(artifact.path)
         target_dir = SYSTEM_IMAGES / kind / artifact.key
@@ -54,6 +70,24 @@ def publish(manifest: Manifest, progress: Progress) -> None:
         with contextlib.suppress(OSError):
             os.chmod(directory, 0o755)
     dataclasses.replace(manifest, **published).save(SYSTEM_IMAGES)
+
+
+def _previous_layer(cache: Path, progress: Progress) -> Artifact | None:
+    """The runner layer the last manifest named, if its image is still there."""
+    try:
+        raw = json.loads((cache / MANIFEST_NAME).read_text()).get("runner")
+        layer = Artifact(**raw) if raw else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    if layer is None:
+        return None
+    if not (Path(layer.path).is_file() and (Path(layer.path).parent / "DONE").is_file()):
+        progress(f"runner layer {layer.key}: its image is gone, dropped "
+                 "(--runner-tarball builds one again)")
+        return None
+    progress(f"runner layer {layer.key}: kept from the previous build, version {layer.detail} "
+             "(--no-runner-layer drops it)")
+    return layer
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -35,6 +35,7 @@ class GuestFiles:
     rootfs: str | None
     console: str
     tap: str | None = None  # the VM's tap0, opened by kata-ci in the VM's network namespace
+    layer: str | None = None  # the runner layer image, when the spec has one
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ def kernel_cmdline(spec: VMSpec, floor: bool = False, tsc_khz: int | None = None
     else:
         words.append(f"kataci.overlay_size={spec.overlay_size}")
         words.append("kataci.transport=serial")
+        if spec.layer is not None:  # guest/init.c stacks /dev/vdb above the rootfs
+            words.append("kataci.layer=1")
         if spec.network.nic:  # the same in every VM (policy.py): a template may hold them
             words.append(f"kataci.ip4={GUEST_V4},{GATEWAY_V4}")
             words.append(f"kataci.ip6={GUEST_V6},{GATEWAY_V6}")
@@ -127,7 +130,8 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False,
         paths = VMPaths(Path("."))
     mem = f"{spec.memory_mib}M"
     files = files or GuestFiles(str(spec.kernel), str(spec.initramfs),
-                                str(spec.rootfs) if spec.rootfs else None, str(paths.console))
+                                str(spec.rootfs) if spec.rootfs else None, str(paths.console),
+                                layer=str(spec.layer) if spec.layer else None)
     # rtc=on: the guest starts with the right second (Health then sets it to the millisecond).
     machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=off"
     argv = [QEMU, "-name", f"kata-ci,process=kata-ci-vm-{name}",
@@ -161,6 +165,12 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False,
         # readonly=on: one image serves every VM at once; each guest writes to its own tmpfs.
         argv += ["-drive", f"id=root,file={files.rootfs},format=raw,if=none,readonly=on",
                  "-device", "virtio-blk-device,drive=root"]
+    if spec.layer is not None:
+        # Right after the rootfs: the guest finds it as /dev/vdb (init.c). Read-only for the
+        # same reason; a job's writes under /opt/actions-runner go to its tmpfs overlay.
+        assert files.layer is not None, "a VMSpec with a layer needs GuestFiles.layer"
+        argv += ["-drive", f"id=layer,file={files.layer},format=raw,if=none,readonly=on",
+                 "-device", "virtio-blk-device,drive=layer"]
     if spec.network.nic:
         # tap0 of the VM's network namespace, which QEMU runs in (executors/network/netns.py),
         # passed open: QEMU's identity has no access to /dev/net/tun.

@@ -160,12 +160,13 @@ class QemuVM(VM):
             files = GuestFiles(kernel=fd(self.spec.kernel) or "", initramfs=fd(self.spec.initramfs)
                                or "", rootfs=fd(self.spec.rootfs),
                                console=f"/proc/self/fd/{console}",
-                               tap=str(tap) if tap is not None else None)
+                               tap=str(tap) if tap is not None else None,
+                               layer=fd(self.spec.layer))
             argv = jail_argv(Path(jail), identity, cgroups,
                              netns=self._net.path if self._net else None) + qemu_argv(
                 self.spec, self.paths, self.accel, self.floor, host_tsc_khz(), files,
                 in_run_dir=True)
-            paths = [files.kernel, files.initramfs, files.rootfs, files.console]
+            paths = [files.kernel, files.initramfs, files.rootfs, files.layer, files.console]
             if self.snapshot is not None:
                 # Read-only for a restore; a template's file is new and QEMU only writes it.
                 mode = os.O_RDONLY if self.snapshot.restore else \

@@ -88,10 +88,12 @@ def template_key(spec: VMSpec, accel: Accel, tsc_khz: int | None, tools: Path) -
     """Everything a restore depends on: the exact QEMU command line (machine, devices, CPU,
     memory, kernel command line), the images, QEMU's and virtiofsd's versions and the
     QEMU binary itself. A changed input is a new key: a template is never restored by
-    another QEMU, it is built anew."""
+    another QEMU, it is built anew. The runner layer is an image like the others (its disk
+    and kataci.layer=1 are in the command line): a template made with a layer is restored
+    only with that layer, one made without never into a VM that has one."""
     files = GuestFiles(kernel=_identity(spec.kernel), initramfs=_identity(spec.initramfs),
                        rootfs=_identity(spec.rootfs) if spec.rootfs else None, console="console",
-                       tap="TAP")
+                       tap="TAP", layer=_identity(spec.layer) if spec.layer else None)
     argv = qemu_argv(template_spec(spec, Path("/workspace")), VMPaths(Path("template")), accel,
                      tsc_khz=tsc_khz, files=files, in_run_dir=True) + snapshot_args(3, True)
     binary = _binary_identity()
@@ -122,7 +124,8 @@ def family(spec: VMSpec, accel: Accel) -> str:
 
 def meta(spec: VMSpec, accel: Accel) -> dict[str, Any]:
     return {"family": family(spec, accel), "qemu": qemu_version(), "accel": accel,
-            "vcpus": spec.vcpus, "memory_mib": spec.memory_mib, "nic": spec.network.nic}
+            "vcpus": spec.vcpus, "memory_mib": spec.memory_mib, "nic": spec.network.nic,
+            "layer": _identity(spec.layer) if spec.layer else None}
 
 
 def placeholder_dir() -> tempfile.TemporaryDirectory[str]:

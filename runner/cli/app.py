@@ -232,7 +232,13 @@ def images() -> None:
 @images.command("build")
 @click.option("--mirror", help="Debian mirror for the rootfs (default: the host's apt mirror).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path))
-def images_build(mirror: str | None, config_path: Path | None) -> None:
+@click.option("--runner-tarball", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="GitHub's actions-runner-*.tar.gz: every VM gets it at /opt/actions-runner "
+                   "(kept by later builds without this option).")
+@click.option("--no-runner-layer", is_flag=True,
+              help="Drop the runner layer an earlier build added.")
+def images_build(mirror: str | None, config_path: Path | None, runner_tarball: Path | None,
+                 no_runner_layer: bool) -> None:
     """Build what is missing; unchanged inputs are reused from the cache. Then the VM
     templates of the configured sizes ([vm] and [labels.*]) when snapshots are possible."""
     from kata_ci.executors.provider import open_provider
@@ -242,7 +248,8 @@ def images_build(mirror: str | None, config_path: Path | None) -> None:
         cfg = config_mod.load(config_path)
         with err.status("building guest images") as status:
             manifest = build_all(paths.cache_dir(), lambda m: status.update(m),
-                                 mirror or cfg.images.mirror or None)
+                                 mirror or cfg.images.mirror or None,
+                                 runner_tarball=runner_tarball, drop_runner=no_runner_layer)
             status.update("VM templates")
             provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size, cfg.vm.start)
             keys = provider.prepare(config_mod.vm_sizes(cfg))
@@ -271,6 +278,9 @@ def _show_manifest(manifest: Manifest) -> None:
     for name, art in (("kernel", manifest.kernel), ("rootfs", manifest.rootfs),
                       ("initramfs", manifest.initramfs)):
         table.add_row(name, art.key, art.detail, art.path)
+    if manifest.runner is not None:  # detail: the actions-runner version
+        table.add_row("runner layer", manifest.runner.key,
+                      f"actions-runner {manifest.runner.detail}", manifest.runner.path)
     Console().print(table)
 
 
@@ -301,6 +311,8 @@ from kata_ci.runner.cli.gitlab import gitlab  # noqa: E402
 
 main.add_command(gitlab)
 
+from kata_ci.runner.cli.github import github  # noqa: E402
 from kata_ci.runner.cli.gitlab_executor import gitlab_executor  # noqa: E402
 
 main.add_command(gitlab_executor)
+main.add_command(github)

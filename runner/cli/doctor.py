@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -11,7 +12,8 @@ from typing import Literal
 
 from kata_ci import paths
 from kata_ci.errors import KataCIError
-from kata_ci.executors.base import Accel, VMSpec
+from kata_ci.executors.base import Accel
+from kata_ci.executors.provider import base_spec
 from kata_ci.executors.qemu.accel import choose
 from kata_ci.executors.qemu.argv import QEMU
 from kata_ci.executors.qemu.confine import CGROUP_ROOT, SERVICE_USER, qemu_identity
@@ -104,9 +106,8 @@ def _start_mode(manifest: Manifest, accel: Accel) -> Check:
                      f"{minimum} (scripts/setup.sh installs QEMU from bookworm-backports)")
     if cfg.vm.start == "cold":
         return Check("start", "ok", f"cold boot: {cfg.source} sets vm.start = \"cold\"")
-    base = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
-                  rootfs=Path(manifest.rootfs.path), vcpus=cfg.vm.vcpus,
-                  memory_mib=cfg.vm.memory_mib, workspace=Path("/"))
+    base = dataclasses.replace(base_spec(manifest), vcpus=cfg.vm.vcpus,
+                               memory_mib=cfg.vm.memory_mib, workspace=Path("/"))
     key = backend.template_key(base)
     ready = TemplateStore(paths.cache_dir() / "templates").find(key) is not None
     state = "ready" if ready else "built by the first job or `kata-ci images build`"

@@ -26,6 +26,8 @@ unknown key or a wrong type is a UserError naming the file and key.
 
     [images]
     mirror = ""        # Debian mirror for the rootfs; empty: the host's apt mirror
+
+    [gitlab] / [github]: runner/gitlab_runner/settings.py, runner/github_runner/settings.py
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from typing import Any, Literal, get_args
 
 from kata_ci.errors import UserError
 from kata_ci.executors.network.policy import NetworkPolicy, build_policy
+from kata_ci.runner.github_runner.settings import GitHubConfig
+from kata_ci.runner.github_runner.settings import parse as parse_github
 from kata_ci.runner.gitlab_runner.settings import GitLabConfig
 from kata_ci.runner.gitlab_runner.settings import parse as parse_gitlab
 
@@ -156,6 +160,7 @@ class Config:
     # Per label: [labels.big] vcpus = 4, memory_mib = 8192, network = "allowlist", allow = []
     labels: dict[str, dict[str, Any]] = field(default_factory=dict)
     gitlab: GitLabConfig = field(default_factory=GitLabConfig)  # gitlab_runner/settings.py
+    github: GitHubConfig = field(default_factory=GitHubConfig)  # github_runner/settings.py
     source: str = "defaults"
 
     def with_vm(self, **overrides: Any) -> Config:
@@ -194,13 +199,14 @@ def load(path: Path | None = None) -> Config:
         raise UserError(f"config file {path}: {exc}") from None
     sections: dict[str, type[Any]] = {"vm": VMConfig, "images": ImagesConfig,
                                       "queue": QueueConfig, "network": NetworkConfig}
-    unknown = set(raw) - set(sections) - {"labels", "gitlab"}
+    unknown = set(raw) - set(sections) - {"labels", "gitlab", "github"}
     if unknown:
         raise UserError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}")
     built = {name: _section(path, name, cls, raw.get(name, {})) for name, cls in sections.items()}
     config = Config(vm=built["vm"], images=built["images"], queue=built["queue"],
                     network=built["network"], labels=_labels(path, raw.get("labels", {})),
-                    gitlab=parse_gitlab(str(path), raw.get("gitlab", {})), source=str(path))
+                    gitlab=parse_gitlab(str(path), raw.get("gitlab", {})),
+                    github=parse_github(str(path), raw.get("github", {})), source=str(path))
     config.vm.validate(str(path))
     config.queue.validate(str(path))
     config.network.validate(str(path))

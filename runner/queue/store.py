@@ -28,6 +28,8 @@ Keys (prefix ``kataci:``):
                   "graceful" (GitLab's canceling: the script stops, after_script runs)
   worker:<name>   a worker's free slots (capacity.py)
 
+A unit of GitHub demand carries ``source`` = github and ``github`` (JSON: label set, scope,
+runner name prefix); the GitHub side's own records are under ``gh:`` (github_runner/state.py).
 A job from GitLab carries ``source`` = gitlab and ``gitlab`` (JSON: the runner it came
 through and the job payload, its job token included) until its poller has told GitLab how
 it ended.
@@ -175,7 +177,7 @@ class Job:
     attempt: int
     retry: bool = False  # may run once more if its worker is lost
     lease_until: float | None = None  # Redis server time; only while running
-    source: str = "queue"  # queue (`submit`) | gitlab (`gitlab run`)
+    source: str = "queue"  # queue (`submit`) | gitlab (`gitlab run`) | github (`github serve`)
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> Job:
@@ -236,18 +238,22 @@ class JobStore:
     # -- submission ------------------------------------------------------------------------
     def create(self, argv: Sequence[str], label: str, timeout: float, workspace: bytes | None,
                retry: bool = False, env: Mapping[str, str] | None = None,
-               gitlab: Mapping[str, Any] | None = None) -> Job:
-        """A queued job: from `submit` (its packed workspace), or from GitLab (``gitlab``:
-        the runner and the payload; the worker makes the workspace from it)."""
+               gitlab: Mapping[str, Any] | None = None,
+               github: Mapping[str, Any] | None = None) -> Job:
+        """A queued job: from `submit` (its packed workspace), from GitLab (``gitlab``:
+        the runner and the payload; the worker makes the workspace from it), or a unit of
+        GitHub demand (``github``: the label set and scope of the runner to start)."""
         job_id = uuid.uuid4().hex[:16]
         now = time.time()
         fields = {"id": job_id, "state": "queued", "argv": json.dumps(list(argv)),
                   "env": json.dumps(dict(env or {})),
                   "label": label, "timeout": str(timeout), "created_at": str(now),
                   "attempt": "0", "log_bytes": "0", "retry": "1" if retry else "0",
-                  "source": "gitlab" if gitlab else "queue"}
+                  "source": "gitlab" if gitlab else "github" if github else "queue"}
         if gitlab:
             fields["gitlab"] = json.dumps(dict(gitlab))
+        if github:
+            fields["github"] = json.dumps(dict(github))
         pipe = self.r.pipeline()
         pipe.hset(self._job(job_id), mapping=cast(Any, fields))
         if workspace is not None:
@@ -274,6 +280,16 @@ class JobStore:
         except ValueError:
             return None
         return value if isinstance(value, dict) else None
+
+    def github(self, job_id: str) -> dict[str, Any] | None:
+        """A GitHub demand unit's entry (no secret in it: the JIT config is made by the
+        worker and never stored)."""
+        raw = self.r.hget(self._job(job_id), "github")
+        try:
+            entry = json.loads(cast(bytes, raw)) if raw else None
+        except ValueError:
+            return None
+        return entry if isinstance(entry, dict) else None
 
     def reported(self, job_id: str) -> None:
         """The GitLab side knows how the job ended: its payload (and job token) goes."""

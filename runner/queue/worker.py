@@ -208,7 +208,32 @@ class Daemon:
         with self._busy():
             if job.source == "gitlab":
                 return self._run_gitlab(job, sink, beat)
+            if job.source == "github":
+                return self._run_github(job, sink, beat)
             return self._run_queued(job, sink, beat)
+
+    def _run_github(self, job: Job, sink: RedisSink, beat: Heartbeat) -> Outcome:
+        """A unit of GitHub demand: one JIT runner in one VM, its workspace empty."""
+        from kata_ci.runner.github_runner import execute
+        from kata_ci.runner.github_runner.state import GitHubState
+
+        entry = self.store.github(job.id)
+        if entry is None:
+            note(sink, "system failure: the job's GitHub entry is gone from Redis")
+            return Outcome.system_failure(SystemFailure("the GitHub entry is gone"))
+        workdir = Path(tempfile.mkdtemp(prefix=f"kata-ci-{job.id}-"))
+        try:
+            with quota.limited(workdir, self.config.queue.workspace_quota_mib):
+                hand_over(workdir)
+                ctx = execute.Context(
+                    config=self.config, provider=self.provider,
+                    network=self.network(job.label), workdir=workdir,
+                    cancel=Cancel(poll=lambda: beat.lost.is_set() or self.stopping.is_set()
+                                  or self.store.cancel_requested(job.id)),
+                    state=GitHubState(self.store.r))
+                return execute.run(job, entry, sink, ctx)
+        finally:
+            quota.discard(workdir)
 
     def _run_gitlab(self, job: Job, sink: RedisSink, beat: Heartbeat) -> Outcome:
         """A job GitLab handed to `gitlab run`: its workspace is made from the payload."""
