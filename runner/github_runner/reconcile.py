@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kata_ci.errors import KataCIError
 from kata_ci.runner.core.config import Config
 from kata_ci.runner.github_runner.api import GitHubAPI
 from kata_ci.runner.github_runner.state import (
@@ -138,7 +137,7 @@ def loop(reconciler: Reconciler, stop: threading.Event,
             if report.created or report.deleted or report.closed:
                 log.info("reconcile: %d runners asked for, %d deregistered, %d closed",
                          len(report.created), len(report.deleted), len(report.closed))
-        except (KataCIError, Exception) as exc:  # GitHub or Redis away: try next round
+        except Exception as exc:  # GitHub or Redis away, or a bug: try next round
             on_error(exc)
         if stop.wait(reconciler.gh.reconcile_interval):
             return

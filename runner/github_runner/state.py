@@ -77,6 +77,10 @@ class GitHubState:
         (the webhook, a redelivery, the reconcile loop)."""
         return bool(self.r.set(f"{P}demanded:{job_id}", b"1", nx=True, ex=KEEP))
 
+    def release_demand(self, job_id: int) -> None:
+        """No runner could be asked for now (max_runners): reconcile may claim it later."""
+        self.r.delete(f"{P}demanded:{job_id}")
+
     def demanded(self, job_id: int) -> bool:
         return bool(self.r.exists(f"{P}demanded:{job_id}"))
 

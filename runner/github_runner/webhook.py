@@ -166,7 +166,7 @@ class Webhooks:
         if created is None:
             log.info("job %s (%s): label set %s is at max_runners; reconcile asks later",
                      job.id, job.repo, set_key)
-            self.state.r.delete(f"kataci:gh:demanded:{job.id}")
+            self.state.release_demand(job.id)
             return Answer(202, f"job {job.id}: at max_runners, queued for reconcile")
         self.state.record_job(job.id, {"kata_job": created})
         log.info("job %s (%s %s/%s) queued: runner demand %s on label %s", job.id, job.repo,

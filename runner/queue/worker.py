@@ -203,6 +203,16 @@ class Daemon:
             return NONE
         return policy
 
+    @contextlib.contextmanager
+    def _workdir(self, job: Job) -> Iterator[Path]:
+        """The job's empty, private workspace under the worker's quota, removed after."""
+        workdir = Path(tempfile.mkdtemp(prefix=f"kata-ci-{job.id}-"))
+        try:
+            with quota.limited(workdir, self.config.queue.workspace_quota_mib):
+                yield workdir
+        finally:
+            quota.discard(workdir)
+
     def _run(self, job: Job, token: str, beat: Heartbeat) -> Outcome:
         sink = RedisSink(self.store, job.id, token)
         with self._busy():
@@ -221,19 +231,15 @@ class Daemon:
         if entry is None:
             note(sink, "system failure: the job's GitHub entry is gone from Redis")
             return Outcome.system_failure(SystemFailure("the GitHub entry is gone"))
-        workdir = Path(tempfile.mkdtemp(prefix=f"kata-ci-{job.id}-"))
-        try:
-            with quota.limited(workdir, self.config.queue.workspace_quota_mib):
-                hand_over(workdir)
-                ctx = execute.Context(
-                    config=self.config, provider=self.provider,
-                    network=self.network(job.label), workdir=workdir,
-                    cancel=Cancel(poll=lambda: beat.lost.is_set() or self.stopping.is_set()
-                                  or self.store.cancel_requested(job.id)),
-                    state=GitHubState(self.store.r))
-                return execute.run(job, entry, sink, ctx)
-        finally:
-            quota.discard(workdir)
+        with self._workdir(job) as workdir:
+            hand_over(workdir)
+            ctx = execute.Context(
+                config=self.config, provider=self.provider, network=self.network(job.label),
+                workdir=workdir,
+                cancel=Cancel(poll=lambda: beat.lost.is_set() or self.stopping.is_set()
+                              or self.store.cancel_requested(job.id)),
+                state=GitHubState(self.store.r))
+            return execute.run(job, entry, sink, ctx)
 
     def _run_gitlab(self, job: Job, sink: RedisSink, beat: Heartbeat) -> Outcome:
         """A job GitLab handed to `gitlab run`: its workspace is made from the payload."""
@@ -243,21 +249,17 @@ class Daemon:
         if entry is None:
             note(sink, "system failure: the job's GitLab payload is gone from Redis")
             return Outcome.system_failure(SystemFailure("the GitLab payload is gone"))
-        workdir = Path(tempfile.mkdtemp(prefix=f"kata-ci-{job.id}-"))
-        try:
-            with quota.limited(workdir, self.config.queue.workspace_quota_mib):
-                def stop() -> bool:
-                    return beat.lost.is_set() or self.stopping.is_set()
+        with self._workdir(job) as workdir:
+            def stop() -> bool:
+                return beat.lost.is_set() or self.stopping.is_set()
 
-                ctx = execute.Context(
-                    config=self.config, provider=self.provider, label=job.label,
-                    network=self.network(job.label), workdir=workdir,
-                    cancel=Cancel(poll=lambda: stop() or self.store.cancel_requested(
-                        job.id, hard_only=True)),
-                    graceful=Cancel(poll=lambda: self.store.cancel_requested(job.id)))
-                return execute.run(entry, sink, ctx)
-        finally:
-            quota.discard(workdir)
+            ctx = execute.Context(
+                config=self.config, provider=self.provider, label=job.label,
+                network=self.network(job.label), workdir=workdir,
+                cancel=Cancel(poll=lambda: stop() or self.store.cancel_requested(
+                    job.id, hard_only=True)),
+                graceful=Cancel(poll=lambda: self.store.cancel_requested(job.id)))
+            return execute.run(entry, sink, ctx)
 
     def _run_queued(self, job: Job, sink: RedisSink, beat: Heartbeat) -> Outcome:
         packed = self.store.workspace(job.id)
@@ -266,21 +268,17 @@ class Daemon:
                                                            "from Redis"))
             note(sink, f"system failure: {outcome.message}")
             return outcome
-        workdir = Path(tempfile.mkdtemp(prefix=f"kata-ci-{job.id}-"))
-        try:
-            with quota.limited(workdir, self.config.queue.workspace_quota_mib):
-                try:
-                    unpack(packed, workdir, Bounds.of(self.config.queue))
-                    hand_over(workdir)
-                    spec = self.spec(job, workdir)
-                except UserError as exc:  # a hostile archive, a wider network: the submitter's
-                    note(sink, f"job failed: {exc}")
-                    return Outcome.job_failure(str(exc))
-                cancel = Cancel(poll=lambda: beat.lost.is_set() or self.stopping.is_set()
-                                or self.store.cancel_requested(job.id))
-                return run_job(spec, self.provider, sink, cancel)
-        finally:
-            quota.discard(workdir)
+        with self._workdir(job) as workdir:
+            try:
+                unpack(packed, workdir, Bounds.of(self.config.queue))
+                hand_over(workdir)
+                spec = self.spec(job, workdir)
+            except UserError as exc:  # a hostile archive, a wider network: the submitter's
+                note(sink, f"job failed: {exc}")
+                return Outcome.job_failure(str(exc))
+            cancel = Cancel(poll=lambda: beat.lost.is_set() or self.stopping.is_set()
+                            or self.store.cancel_requested(job.id))
+            return run_job(spec, self.provider, sink, cancel)
 
 
 def start_worker(config: Config, labels: list[str], concurrency: int) -> None:
