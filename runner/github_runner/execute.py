@@ -94,7 +94,10 @@ def run(job: Job, entry: dict[str, object], sink: LogSink, ctx: Context) -> Outc
         gone = _deregister(api, scope, runner_id, name)
         ctx.state.drop_pending(scope, set_key, job.id)
         ctx.state.runner_done(name, deregistered=int(gone))
-    if script.idle_stop.is_set() and outcome.kind is OutcomeKind.CANCELLED:
+    # Deregistering an idle runner races its stop: GitHub's runner may notice first that its
+    # registration is gone and exit 1. Either way this runner ran no job: cancelled, not failed.
+    if script.idle_stop.is_set() and outcome.kind in (OutcomeKind.CANCELLED,
+                                                      OutcomeKind.JOB_FAILURE):
         return Outcome.cancelled(f"runner {name} got no job within {gh.idle_timeout:g}s: "
                                  "deregistered and stopped")
     return outcome

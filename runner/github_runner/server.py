@@ -1,25 +1,31 @@
 """The HTTP side of `kata-ci github serve`: ``POST /webhook`` and ``GET /healthz``.
 
-Standard library HTTP, bounded: a client gets 10 s per read (a slow sender cannot hold a
-thread), at most ``MAX_CONCURRENT`` requests are served at once (the rest get 503, which
-GitHub records as a failed delivery and the reconcile loop covers), a body is refused by its
-Content-Length before a byte of it is read (413; no length: 411), and nothing a client sends
-reaches a log but a truncated, escaped line.
+Standard library HTTP, bounded: a connection has ``READ_DEADLINE`` in all to send its
+request, headers and body (GitHub's own budget is 10 s; a sender trickling a byte at a time
+is cut off at the deadline, not after each slow read), at most ``MAX_CONNECTIONS`` are open at
+once (more are closed unread) and ``MAX_CONCURRENT`` deliveries handled (the rest get 503,
+which GitHub records as a failed delivery and the reconcile loop covers), a body is refused by
+its Content-Length before a byte of it is read (413; no length: 411), and nothing a client
+sends reaches a log but a truncated, escaped line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from kata_ci.runner.github_runner.webhook import Answer, Webhooks
 
 log = logging.getLogger("kata_ci.github.server")
 MAX_CONCURRENT = 32
-READ_TIMEOUT = 10.0
+MAX_CONNECTIONS = 128
+READ_DEADLINE = 10.0
 
 
 class WebhookServer(ThreadingHTTPServer):
@@ -27,20 +33,62 @@ class WebhookServer(ThreadingHTTPServer):
     request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], hooks: Webhooks,
-                 healthy: Callable[[], str | None]) -> None:
+                 healthy: Callable[[], str | None], read_deadline: float = READ_DEADLINE,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.hooks = hooks
         self.healthy = healthy  # None when fine, else why not
+        self.read_deadline = read_deadline
         self.slots = threading.BoundedSemaphore(MAX_CONCURRENT)
+        self.connections = threading.BoundedSemaphore(max_connections)
         super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # One thread per connection is the standard library's model: bound it, or idle
+        # connections alone would exhaust the host's threads.
+        if not self.connections.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A connection cut at its deadline or dropped by the client: one line, no traceback
+        # (anyone can cause this, and the standard library would print one to stderr).
+        log.info("connection from %s ended before its answer", client_address[0])
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: WebhookServer
-    timeout = READ_TIMEOUT
+    timeout = READ_DEADLINE  # per read; the deadline below bounds the whole request
     server_version = "kata-ci"
     sys_version = ""
 
+    def setup(self) -> None:
+        super().setup()
+        self._cutter = threading.Timer(self.server.read_deadline, self._cut)
+        self._cutter.daemon = True
+        self._cutter.start()
+
+    def finish(self) -> None:
+        self._cutter.cancel()
+        super().finish()
+
+    def _cut(self) -> None:
+        """The request was not in within the deadline: end the connection (its reads fail)."""
+        with contextlib.suppress(OSError):  # already gone
+            self.connection.shutdown(socket.SHUT_RDWR)
+
     def do_GET(self) -> None:
+        self._cutter.cancel()
         if self.path != "/healthz":
             self._answer(Answer(404, "not found"))
             return
@@ -70,6 +118,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body is never read
             return Answer(413, f"body over {self.server.hooks.max_body} bytes")
         body = self.rfile.read(length)
+        self._cutter.cancel()  # all in: handling it is ours to finish
         if len(body) != length:
             return Answer(400, "body shorter than its Content-Length")
         headers = {k.lower(): v for k, v in self.headers.items()}

@@ -59,7 +59,10 @@ def signature_ok(secret: bytes, body: bytes, header: str | None) -> bool:
 
 def parse(body: bytes) -> WorkflowJob:
     """The fields kata-ci uses, checked; ValueError says what is wrong."""
-    payload = json.loads(body)
+    try:
+        payload = json.loads(body)
+    except RecursionError:  # a ValueError of its own, not a crash of the handler
+        raise ValueError("the payload nests too deeply") from None
     if not isinstance(payload, dict):
         raise ValueError("the payload is not a JSON object")
     action, job, repo = payload.get("action"), payload.get("workflow_job"), \
