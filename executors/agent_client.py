@@ -155,11 +155,23 @@ class AgentClient:
 
     def exec(
         self, argv: Sequence[str], env: Mapping[str, str], cwd: str = "",
-        exec_id: str | None = None,
+        exec_id: str | None = None, root: str = "", user: str = "",
     ) -> ExecStream:
         exec_id = exec_id or uuid.uuid4().hex
-        request = pb.ExecRequest(exec_id=exec_id, argv=list(argv), env=dict(env), cwd=cwd)
+        request = pb.ExecRequest(exec_id=exec_id, argv=list(argv), env=dict(env), cwd=cwd,
+                                 root=root, user=user)
         return ExecStream(self._stub.Exec(request), exec_id)
+
+    def prepare_root(self, name: str, scsi_id: int, overlay_size: str,
+                     hosts: Mapping[str, str], timeout: float) -> str:
+        """An OCI image's root in the guest (agent.proto PrepareRoot); its guest path."""
+        request = pb.PrepareRootRequest(name=name, scsi_id=scsi_id, overlay_size=overlay_size,
+                                        hosts=dict(hosts), wait_seconds=max(1.0, timeout - 1))
+        try:
+            reply = self._stub.PrepareRoot(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise SystemFailure(f"agent PrepareRoot {name}: {_describe(exc)}") from None
+        return str(reply.path)
 
     def signal(self, exec_id: str, signum: int, whole_group: bool = True,
                timeout: float = 5.0) -> bool:

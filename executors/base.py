@@ -37,6 +37,9 @@ class VMSpec:
     # A read-only image stacked above the rootfs (images/runner_layer.py: /opt/actions-runner);
     # the guest's second disk, kataci.layer=1 on its command line.
     layer: Path | None = None
+    # The guest ids the workspace's owner appears as (and the job's files are stored as
+    # the owner's whatever they say): the job's image user, so that it may write there.
+    workspace_ids: tuple[int, int] = (0, 0)
 
     @property
     def workdir(self) -> str | None:
@@ -93,6 +96,13 @@ class VM(abc.ABC):
     @abc.abstractmethod
     def kill(self) -> None:
         """Release every host resource now. Idempotent, never raises, safe from any thread."""
+
+    def attach_image(self, disk: Path, index: int) -> None:
+        """Hot-add a read-only OCI image disk (images/oci/) as SCSI target ``index``, LUN 0,
+        of a started VM; the agent's PrepareRoot mounts it. SystemFailure if it cannot."""
+        from kata_ci.errors import SystemFailure
+
+        raise SystemFailure(f"this VM backend cannot attach image disks ({disk.name})")
 
     @abc.abstractmethod
     def diagnostics(self, lines: int = 30) -> str:

@@ -22,6 +22,8 @@ from kata_ci.executors.network.policy import NONE, NetworkPolicy
 from kata_ci.executors.templates import Template, TemplateStore
 from kata_ci.images.artifacts import Manifest
 from kata_ci.images.build import load_current
+from kata_ci.images.oci.registry import RegistryConfig
+from kata_ci.images.oci.store import ImageStore
 
 StartMode = Literal["snapshot", "cold"]
 TEMPLATE_TIMEOUT = 300.0  # boot + save of a template, under TCG on a loaded host
@@ -39,9 +41,22 @@ class VMRequest:
     memory_mib: int
     boot_timeout: float
     network: NetworkPolicy = NONE
+    workspace_ids: tuple[int, int] = (0, 0)  # VMSpec.workspace_ids
 
 
 class VMProvider(abc.ABC):
+    # OCI images jobs run in (images/oci/): the host's one cache, made at first use.
+    registries = RegistryConfig()
+    pull_policy = "always"
+    image_progress: Notify | None = None
+    _images: ImageStore | None = None
+
+    def image_store(self) -> ImageStore:
+        if self._images is None:
+            self._images = ImageStore(paths.cache_dir() / "oci", self.registries,
+                                      self.image_progress)
+        return self._images
+
     @abc.abstractmethod
     def acquire(self, request: VMRequest, on_created: Callable[[VM], None]) -> VM:
         """A started VM whose agent answers, or SystemFailure. ``on_created`` gets the VM
@@ -67,7 +82,8 @@ class ColdBootProvider(VMProvider):
     def spec(self, request: VMRequest) -> VMSpec:
         return dataclasses.replace(self.base, workspace=request.workspace,
                                    guest_workdir=request.guest_workdir, vcpus=request.vcpus,
-                                   memory_mib=request.memory_mib, network=request.network)
+                                   memory_mib=request.memory_mib, network=request.network,
+                                   workspace_ids=request.workspace_ids)
 
     def acquire(self, request: VMRequest, on_created: Callable[[VM], None]) -> VM:
         return self._start(self.backend.create(self.spec(request)), request, on_created)
@@ -170,7 +186,17 @@ def base_spec(manifest: Manifest, max_file_size: int | None = None) -> VMSpec:
 
 
 def open_provider(accel: str, notify: Notify, max_file_size: int | None = None,
-                  start: StartMode = "snapshot") -> ColdBootProvider:
+                  start: StartMode = "snapshot", registries: RegistryConfig | None = None,
+                  pull_policy: str = "always") -> ColdBootProvider:
+    provider = _open(accel, notify, max_file_size, start)
+    provider.registries = registries or RegistryConfig()
+    provider.pull_policy = pull_policy
+    provider.image_progress = notify
+    return provider
+
+
+def _open(accel: str, notify: Notify, max_file_size: int | None,
+          start: StartMode) -> ColdBootProvider:
     """Once per process: images, acceleration, and the VMs of earlier kata-ci processes that
     were killed outright. UserError when this host cannot run VMs (nothing was started)."""
     from kata_ci.executors.qemu.accel import choose

@@ -77,6 +77,7 @@ class AgentService(pb_grpc.AgentServicer):
         self.running: dict[str, subprocess.Popen[bytes]] = {}
         self.lock = threading.Lock()
         self.mounted = False
+        self.roots: dict[str, str] = {}  # PrepareRoot: name -> path (guest/roots.py)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
         if request.entropy:
@@ -123,7 +124,13 @@ class AgentService(pb_grpc.AgentServicer):
         # Through kata-ci-spawn (guest/init.c): the job loses the agent's OOM exemption.
         # A missing program is still reported by Popen itself, as before.
         cwd = request.cwd or self.workdir
-        if argv and os.path.exists(SPAWN) and _findable(argv[0], cwd, env.get("PATH", "")):
+        if request.root or request.user:
+            problem, argv = self._in_root(request, env, cwd)
+            if problem:
+                yield pb.ExecEvent(exited=pb.Exited(exit_code=126, error=problem))
+                return
+            cwd = "/"  # kata-ci-spawn enters the command's directory inside the root
+        elif argv and os.path.exists(SPAWN) and _findable(argv[0], cwd, env.get("PATH", "")):
             argv = [SPAWN, *argv]
         try:
             proc = subprocess.Popen(
@@ -150,6 +157,53 @@ class AgentService(pb_grpc.AgentServicer):
             yield pb.ExecEvent(exited=pb.Exited(signal=-code))
         else:
             yield pb.ExecEvent(exited=pb.Exited(exit_code=code))
+
+    def _in_root(self, request: pb.ExecRequest, env: dict[str, str],
+                 cwd: str) -> tuple[str, list[str]]:
+        """kata-ci-spawn --in for a command in an image root; (problem, argv)."""
+        from kata_ci.guest import roots
+
+        with self.lock:
+            path = self.roots.get(request.root)
+        if not path:
+            return f"no root {request.root!r} (PrepareRoot first, and it must succeed)", []
+        try:
+            who = roots.identity(path, request.user)
+        except roots.RootError as exc:
+            return str(exc), []
+        env.setdefault("HOME", who.home)
+        env.setdefault("PATH", DEFAULT_PATH)
+        return "", [SPAWN, "--in", path, str(who.uid), str(who.gid),
+                    ",".join(map(str, who.groups)), cwd, "--", *request.argv]
+
+    def PrepareRoot(
+        self, request: pb.PrepareRootRequest, context: grpc.ServicerContext
+    ) -> pb.PrepareRootResponse:
+        from kata_ci.guest import roots
+
+        hosts = dict(request.hosts)
+        with self.lock:
+            try:
+                roots.check_request(request.name, request.overlay_size, hosts,
+                                    len(self.roots))
+            except roots.RootError as exc:
+                context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            if request.name in self.roots:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"root {request.name!r} exists")
+            self.roots[request.name] = ""  # claimed; a failed prepare leaves it unusable
+        try:
+            path = roots.prepare(request.name, request.scsi_id, request.overlay_size, hosts,
+                                 self.workdir if self.mounted else "",
+                                 request.wait_seconds or 10.0)
+        except roots.RootError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        except OSError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"root {request.name}: {exc}")
+        with self.lock:
+            self.roots[request.name] = path
+        print(f"kata-ci-agent: root {request.name} ready at {path} (uptime {uptime():.2f}s)",
+              file=sys.stderr, flush=True)
+        return pb.PrepareRootResponse(path=path)
 
     def Signal(self, request: pb.SignalRequest, context: grpc.ServicerContext) -> pb.SignalResponse:
         with self.lock:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kata_ci/guest/agent.proto\x12\x0fkataci.agent.v1\">\n\rHealthRequest\x12\x1c\n\x14host_time_unix_nanos\x18\x01 \x01(\x03\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x0c\"\xbd\x01\n\x0eHealthResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_version\x18\x02 \x01(\t\x12\x18\n\x10protobuf_version\x18\x03 \x01(\t\x12\x17\n\x0f\x63ontract_sha256\x18\x04 \x01(\t\x12\x16\n\x0ekernel_release\x18\x05 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x06 \x01(\x01\x12\x1b\n\x13\x61gent_start_seconds\x18\x07 \x01(\x01\"\x1c\n\x0cMountRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x0f\n\rMountResponse\"\x99\x01\n\x0b\x45xecRequest\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x32\n\x03\x65nv\x18\x03 \x03(\x0b\x32%.kataci.agent.v1.ExecRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\tExecEvent\x12+\n\x07started\x18\x01 \x01(\x0b\x32\x18.kataci.agent.v1.StartedH\x00\x12)\n\x06output\x18\x02 \x01(\x0b\x32\x17.kataci.agent.v1.OutputH\x00\x12)\n\x06\x65xited\x18\x03 \x01(\x0b\x32\x17.kataci.agent.v1.ExitedH\x00\x42\x07\n\x05\x65vent\"\x16\n\x07Started\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"?\n\x06Output\x12\'\n\x06stream\x18\x01 \x01(\x0e\x32\x17.kataci.agent.v1.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\":\n\x06\x45xited\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"E\n\rSignalRequest\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x13\n\x0bwhole_group\x18\x03 \x01(\x08\"\x1f\n\x0eSignalResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse\"T\n\x04\x46ile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x0f\n\x07missing\x18\x04 \x01(\x08\x12\x11\n\ttruncated\x18\x05 \x01(\x08\"7\n\x0fPutFilesRequest\x12$\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x15.kataci.agent.v1.File\"\x12\n\x10PutFilesResponse\"3\n\x0fGetFilesRequest\x12\r\n\x05paths\x18\x01 \x03(\t\x12\x11\n\tmax_bytes\x18\x02 \x01(\x04\"8\n\x10GetFilesResponse\x12$\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x15.kataci.agent.v1.File*8\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\n\n\x06STDOUT\x10\x01\x12\n\n\x06STDERR\x10\x02\x32\x9c\x04\n\x05\x41gent\x12I\n\x06Health\x12\x1e.kataci.agent.v1.HealthRequest\x1a\x1f.kataci.agent.v1.HealthResponse\x12\x46\n\x05Mount\x12\x1d.kataci.agent.v1.MountRequest\x1a\x1e.kataci.agent.v1.MountResponse\x12\x42\n\x04\x45xec\x12\x1c.kataci.agent.v1.ExecRequest\x1a\x1a.kataci.agent.v1.ExecEvent0\x01\x12I\n\x06Signal\x12\x1e.kataci.agent.v1.SignalRequest\x1a\x1f.kataci.agent.v1.SignalResponse\x12O\n\x08Shutdown\x12 .kataci.agent.v1.ShutdownRequest\x1a!.kataci.agent.v1.ShutdownResponse\x12O\n\x08PutFiles\x12 .kataci.agent.v1.PutFilesRequest\x1a!.kataci.agent.v1.PutFilesResponse\x12O\n\x08GetFiles\x12 .kataci.agent.v1.GetFilesRequest\x1a!.kataci.agent.v1.GetFilesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kata_ci/guest/agent.proto\x12\x0fkataci.agent.v1\">\n\rHealthRequest\x12\x1c\n\x14host_time_unix_nanos\x18\x01 \x01(\x03\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x0c\"\xbd\x01\n\x0eHealthResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_version\x18\x02 \x01(\t\x12\x18\n\x10protobuf_version\x18\x03 \x01(\t\x12\x17\n\x0f\x63ontract_sha256\x18\x04 \x01(\t\x12\x16\n\x0ekernel_release\x18\x05 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x06 \x01(\x01\x12\x1b\n\x13\x61gent_start_seconds\x18\x07 \x01(\x01\"\x1c\n\x0cMountRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\x0f\n\rMountResponse\"\xb5\x01\n\x0b\x45xecRequest\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x02 \x03(\t\x12\x32\n\x03\x65nv\x18\x03 \x03(\x0b\x32%.kataci.agent.v1.ExecRequest.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\x0c\n\x04root\x18\x05 \x01(\t\x12\x0c\n\x04user\x18\x06 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x01\n\tExecEvent\x12+\n\x07started\x18\x01 \x01(\x0b\x32\x18.kataci.agent.v1.StartedH\x00\x12)\n\x06output\x18\x02 \x01(\x0b\x32\x17.kataci.agent.v1.OutputH\x00\x12)\n\x06\x65xited\x18\x03 \x01(\x0b\x32\x17.kataci.agent.v1.ExitedH\x00\x42\x07\n\x05\x65vent\"\x16\n\x07Started\x12\x0b\n\x03pid\x18\x01 \x01(\x05\"?\n\x06Output\x12\'\n\x06stream\x18\x01 \x01(\x0e\x32\x17.kataci.agent.v1.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\":\n\x06\x45xited\x12\x11\n\texit_code\x18\x01 \x01(\x05\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"E\n\rSignalRequest\x12\x0f\n\x07\x65xec_id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\x05\x12\x13\n\x0bwhole_group\x18\x03 \x01(\x08\"\x1f\n\x0eSignalResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse\"T\n\x04\x46ile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0c\n\x04mode\x18\x03 \x01(\r\x12\x0f\n\x07missing\x18\x04 \x01(\x08\x12\x11\n\ttruncated\x18\x05 \x01(\x08\"7\n\x0fPutFilesRequest\x12$\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x15.kataci.agent.v1.File\"\x12\n\x10PutFilesResponse\"3\n\x0fGetFilesRequest\x12\r\n\x05paths\x18\x01 \x03(\t\x12\x11\n\tmax_bytes\x18\x02 \x01(\x04\"8\n\x10GetFilesResponse\x12$\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x15.kataci.agent.v1.File\"\xcc\x01\n\x12PrepareRootRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07scsi_id\x18\x02 \x01(\r\x12\x14\n\x0coverlay_size\x18\x03 \x01(\t\x12=\n\x05hosts\x18\x04 \x03(\x0b\x32..kataci.agent.v1.PrepareRootRequest.HostsEntry\x12\x14\n\x0cwait_seconds\x18\x05 \x01(\x01\x1a,\n\nHostsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x13PrepareRootResponse\x12\x0c\n\x04path\x18\x01 \x01(\t*8\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\n\n\x06STDOUT\x10\x01\x12\n\n\x06STDERR\x10\x02\x32\xf6\x04\n\x05\x41gent\x12I\n\x06Health\x12\x1e.kataci.agent.v1.HealthRequest\x1a\x1f.kataci.agent.v1.HealthResponse\x12\x46\n\x05Mount\x12\x1d.kataci.agent.v1.MountRequest\x1a\x1e.kataci.agent.v1.MountResponse\x12\x42\n\x04\x45xec\x12\x1c.kataci.agent.v1.ExecRequest\x1a\x1a.kataci.agent.v1.ExecEvent0\x01\x12I\n\x06Signal\x12\x1e.kataci.agent.v1.SignalRequest\x1a\x1f.kataci.agent.v1.SignalResponse\x12O\n\x08Shutdown\x12 .kataci.agent.v1.ShutdownRequest\x1a!.kataci.agent.v1.ShutdownResponse\x12O\n\x08PutFiles\x12 .kataci.agent.v1.PutFilesRequest\x1a!.kataci.agent.v1.PutFilesResponse\x12O\n\x08GetFiles\x12 .kataci.agent.v1.GetFilesRequest\x1a!.kataci.agent.v1.GetFilesResponse\x12X\n\x0bPrepareRoot\x12#.kataci.agent.v1.PrepareRootRequest\x1a$.kataci.agent.v1.PrepareRootResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXECREQUEST_ENVENTRY']._loaded_options = None
   _globals['_EXECREQUEST_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_STREAM']._serialized_start=1225
-  _globals['_STREAM']._serialized_end=1281
+  _globals['_PREPAREROOTREQUEST_HOSTSENTRY']._loaded_options = None
+  _globals['_PREPAREROOTREQUEST_HOSTSENTRY']._serialized_options = b'8\001'
+  _globals['_STREAM']._serialized_start=1497
+  _globals['_STREAM']._serialized_end=1553
   _globals['_HEALTHREQUEST']._serialized_start=46
   _globals['_HEALTHREQUEST']._serialized_end=108
   _globals['_HEALTHRESPONSE']._serialized_start=111
@@ -44,35 +46,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MOUNTRESPONSE']._serialized_start=332
   _globals['_MOUNTRESPONSE']._serialized_end=347
   _globals['_EXECREQUEST']._serialized_start=350
-  _globals['_EXECREQUEST']._serialized_end=503
-  _globals['_EXECREQUEST_ENVENTRY']._serialized_start=461
-  _globals['_EXECREQUEST_ENVENTRY']._serialized_end=503
-  _globals['_EXECEVENT']._serialized_start=506
-  _globals['_EXECEVENT']._serialized_end=657
-  _globals['_STARTED']._serialized_start=659
-  _globals['_STARTED']._serialized_end=681
-  _globals['_OUTPUT']._serialized_start=683
-  _globals['_OUTPUT']._serialized_end=746
-  _globals['_EXITED']._serialized_start=748
-  _globals['_EXITED']._serialized_end=806
-  _globals['_SIGNALREQUEST']._serialized_start=808
-  _globals['_SIGNALREQUEST']._serialized_end=877
-  _globals['_SIGNALRESPONSE']._serialized_start=879
-  _globals['_SIGNALRESPONSE']._serialized_end=910
-  _globals['_SHUTDOWNREQUEST']._serialized_start=912
-  _globals['_SHUTDOWNREQUEST']._serialized_end=929
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=931
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=949
-  _globals['_FILE']._serialized_start=951
-  _globals['_FILE']._serialized_end=1035
-  _globals['_PUTFILESREQUEST']._serialized_start=1037
-  _globals['_PUTFILESREQUEST']._serialized_end=1092
-  _globals['_PUTFILESRESPONSE']._serialized_start=1094
-  _globals['_PUTFILESRESPONSE']._serialized_end=1112
-  _globals['_GETFILESREQUEST']._serialized_start=1114
-  _globals['_GETFILESREQUEST']._serialized_end=1165
-  _globals['_GETFILESRESPONSE']._serialized_start=1167
-  _globals['_GETFILESRESPONSE']._serialized_end=1223
-  _globals['_AGENT']._serialized_start=1284
-  _globals['_AGENT']._serialized_end=1824
+  _globals['_EXECREQUEST']._serialized_end=531
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_start=489
+  _globals['_EXECREQUEST_ENVENTRY']._serialized_end=531
+  _globals['_EXECEVENT']._serialized_start=534
+  _globals['_EXECEVENT']._serialized_end=685
+  _globals['_STARTED']._serialized_start=687
+  _globals['_STARTED']._serialized_end=709
+  _globals['_OUTPUT']._serialized_start=711
+  _globals['_OUTPUT']._serialized_end=774
+  _globals['_EXITED']._serialized_start=776
+  _globals['_EXITED']._serialized_end=834
+  _globals['_SIGNALREQUEST']._serialized_start=836
+  _globals['_SIGNALREQUEST']._serialized_end=905
+  _globals['_SIGNALRESPONSE']._serialized_start=907
+  _globals['_SIGNALRESPONSE']._serialized_end=938
+  _globals['_SHUTDOWNREQUEST']._serialized_start=940
+  _globals['_SHUTDOWNREQUEST']._serialized_end=957
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=959
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=977
+  _globals['_FILE']._serialized_start=979
+  _globals['_FILE']._serialized_end=1063
+  _globals['_PUTFILESREQUEST']._serialized_start=1065
+  _globals['_PUTFILESREQUEST']._serialized_end=1120
+  _globals['_PUTFILESRESPONSE']._serialized_start=1122
+  _globals['_PUTFILESRESPONSE']._serialized_end=1140
+  _globals['_GETFILESREQUEST']._serialized_start=1142
+  _globals['_GETFILESREQUEST']._serialized_end=1193
+  _globals['_GETFILESRESPONSE']._serialized_start=1195
+  _globals['_GETFILESRESPONSE']._serialized_end=1251
+  _globals['_PREPAREROOTREQUEST']._serialized_start=1254
+  _globals['_PREPAREROOTREQUEST']._serialized_end=1458
+  _globals['_PREPAREROOTREQUEST_HOSTSENTRY']._serialized_start=1414
+  _globals['_PREPAREROOTREQUEST_HOSTSENTRY']._serialized_end=1458
+  _globals['_PREPAREROOTRESPONSE']._serialized_start=1460
+  _globals['_PREPAREROOTRESPONSE']._serialized_end=1495
+  _globals['_AGENT']._serialized_start=1556
+  _globals['_AGENT']._serialized_end=2186
 # @@protoc_insertion_point(module_scope)

@@ -53,7 +53,7 @@ class MountResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ExecRequest(_message.Message):
-    __slots__ = ("exec_id", "argv", "env", "cwd")
+    __slots__ = ("exec_id", "argv", "env", "cwd", "root", "user")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,11 +65,15 @@ class ExecRequest(_message.Message):
     ARGV_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     CWD_FIELD_NUMBER: _ClassVar[int]
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     exec_id: str
     argv: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.ScalarMap[str, str]
     cwd: str
-    def __init__(self, exec_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ...) -> None: ...
+    root: str
+    user: str
+    def __init__(self, exec_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., root: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
 
 class ExecEvent(_message.Message):
     __slots__ = ("started", "output", "exited")
@@ -166,3 +170,30 @@ class GetFilesResponse(_message.Message):
     FILES_FIELD_NUMBER: _ClassVar[int]
     files: _containers.RepeatedCompositeFieldContainer[File]
     def __init__(self, files: _Optional[_Iterable[_Union[File, _Mapping]]] = ...) -> None: ...
+
+class PrepareRootRequest(_message.Message):
+    __slots__ = ("name", "scsi_id", "overlay_size", "hosts", "wait_seconds")
+    class HostsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCSI_ID_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HOSTS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scsi_id: int
+    overlay_size: str
+    hosts: _containers.ScalarMap[str, str]
+    wait_seconds: float
+    def __init__(self, name: _Optional[str] = ..., scsi_id: _Optional[int] = ..., overlay_size: _Optional[str] = ..., hosts: _Optional[_Mapping[str, str]] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class PrepareRootResponse(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...

@@ -69,6 +69,11 @@ class AgentStub:
                 request_serializer=kata__ci_dot_guest_dot_agent__pb2.GetFilesRequest.SerializeToString,
                 response_deserializer=kata__ci_dot_guest_dot_agent__pb2.GetFilesResponse.FromString,
                 _registered_method=True)
+        self.PrepareRoot = channel.unary_unary(
+                '/kataci.agent.v1.Agent/PrepareRoot',
+                request_serializer=kata__ci_dot_guest_dot_agent__pb2.PrepareRootRequest.SerializeToString,
+                response_deserializer=kata__ci_dot_guest_dot_agent__pb2.PrepareRootResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -145,6 +150,23 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareRoot(self, request, context):
+        """PrepareRoot makes an OCI image's root filesystem ready for Exec, as Kata's agent does for
+        a container: the image's disk (a read-only ext4 the host hot-added as LUN 0 of virtio-scsi
+        target `scsi_id`) mounted read-only, an overlay over it whose upper layer is a tmpfs of
+        its own (`overlay_size`; the image stays unchanged for the next VM), and inside it /proc,
+        /sys (read-only), /dev (with pts and shm), the workspace at the path it has in the VM,
+        and /etc/resolv.conf and /etc/hosts made by the agent (`hosts`: name -> address lines
+        after localhost's). kata-ci's own root, the agent and its Python stay outside: an image
+        needs neither python nor glibc. Call after Mount; `name` ([a-z0-9-]{1,32}) is what
+        ExecRequest.root names; at most 16 roots. Waits up to `wait_seconds` for the disk.
+        Errors: INVALID_ARGUMENT (name, limits), ALREADY_EXISTS, DEADLINE_EXCEEDED (no disk
+        appeared), FAILED_PRECONDITION (it would not mount: not an ext4 image).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +204,11 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.GetFiles,
                     request_deserializer=kata__ci_dot_guest_dot_agent__pb2.GetFilesRequest.FromString,
                     response_serializer=kata__ci_dot_guest_dot_agent__pb2.GetFilesResponse.SerializeToString,
+            ),
+            'PrepareRoot': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareRoot,
+                    request_deserializer=kata__ci_dot_guest_dot_agent__pb2.PrepareRootRequest.FromString,
+                    response_serializer=kata__ci_dot_guest_dot_agent__pb2.PrepareRootResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -373,6 +400,33 @@ class Agent:
             '/kataci.agent.v1.Agent/GetFiles',
             kata__ci_dot_guest_dot_agent__pb2.GetFilesRequest.SerializeToString,
             kata__ci_dot_guest_dot_agent__pb2.GetFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareRoot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kataci.agent.v1.Agent/PrepareRoot',
+            kata__ci_dot_guest_dot_agent__pb2.PrepareRootRequest.SerializeToString,
+            kata__ci_dot_guest_dot_agent__pb2.PrepareRootResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,6 +22,9 @@
  * Configuration comes only from kataci.* words of the kernel command line; never secrets.
  * kataci.mode=floor powers off at once (the benchmark floor and the KVM probe use it).
  *
+ * OCI images: kata-ci-spawn --in runs a job command chrooted into an image's root under the
+ * image's user (the agent's PrepareRoot, guest/roots.py, made that root).
+ *
  * Memory: the agent is exempt from the OOM killer (oom_score_adj -1000); every job command
  * starts through this same binary under the name kata-ci-spawn, which puts the job back to
  * 0 before exec, so a job's children never inherit the exemption. Everything a job can write
@@ -31,6 +34,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <arpa/inet.h>
 #include <net/if.h>
 #include <net/route.h>
@@ -250,10 +254,48 @@ static void set_oom_score_adj(const char *value) {
     }
 }
 
+/* kata-ci-spawn --in ROOT UID GID GROUPS CWD -- PROGRAM ARGS...: a job command in an OCI
+ * image's root (the agent's PrepareRoot made it; guest/roots.py resolved the user). The
+ * chroot comes first so that PROGRAM is looked up in the image's PATH and files; the
+ * identity last, after everything that needs root. GROUPS: comma-separated, may be empty. */
+static int spawn_in_root(int argc, char **argv) {
+    if (argc < 9 || strcmp(argv[7], "--") != 0) {
+        fprintf(stderr, "kata-ci-spawn: bad --in arguments\n");
+        return 126;
+    }
+    const char *root = argv[2], *cwd = argv[6];
+    uid_t uid = (uid_t)strtoul(argv[3], NULL, 10);
+    gid_t gid = (gid_t)strtoul(argv[4], NULL, 10);
+    gid_t groups[64];
+    size_t ngroups = 0;
+    for (char *p = argv[5]; *p && ngroups < 64;) {
+        groups[ngroups++] = (gid_t)strtoul(p, &p, 10);
+        if (*p == ',') p++;
+        else break;
+    }
+    if (chroot(root) != 0 || chdir("/") != 0) {
+        fprintf(stderr, "kata-ci-spawn: cannot enter the image root: %s\n", strerror(errno));
+        return 126;
+    }
+    if (chdir(cwd) != 0) {
+        fprintf(stderr, "kata-ci-spawn: working directory %s: %s\n", cwd, strerror(errno));
+        return 126;
+    }
+    if (setgroups(ngroups, groups) != 0 || setgid(gid) != 0 || setuid(uid) != 0) {
+        fprintf(stderr, "kata-ci-spawn: cannot become %u:%u: %s\n", (unsigned)uid,
+                (unsigned)gid, strerror(errno));
+        return 126;
+    }
+    execvp(argv[8], &argv[8]);
+    fprintf(stderr, "kata-ci-spawn: %s: %s\n", argv[8], strerror(errno));
+    return errno == ENOENT ? 127 : 126;
+}
+
 int main(int argc, char **argv_in) {
     const char *self = strrchr(argv_in[0], '/');
     if (strcmp(self ? self + 1 : argv_in[0], "kata-ci-spawn") == 0) {
         set_oom_score_adj("0");
+        if (argc > 1 && strcmp(argv_in[1], "--in") == 0) return spawn_in_root(argc, argv_in);
         if (argc < 2) return 127;
         execvp(argv_in[1], &argv_in[1]);
         fprintf(stderr, "kata-ci-spawn: %s: %s\n", argv_in[1], strerror(errno));

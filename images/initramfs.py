@@ -42,7 +42,8 @@ def agent_sources() -> dict[str, Path]:
 
     guest = _guest_dir()
     files = {"kata_ci/__init__.py": Path(kata_ci.__file__).resolve()}
-    for name in ("__init__.py", "agent.py", "transport.py", "agent_pb2.py", "agent_pb2_grpc.py"):
+    for name in ("__init__.py", "agent.py", "roots.py", "transport.py", "agent_pb2.py",
+                 "agent_pb2_grpc.py"):
         files[f"kata_ci/guest/{name}"] = guest / name
     return files
 

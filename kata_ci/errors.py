@@ -40,3 +40,13 @@ class SystemFailure(KataCIError):
 class RestoreFailed(SystemFailure):
     """A VM could not be restored from its snapshot (corrupt or foreign file, QEMU refused
     the state). Nothing of the job ran yet: the provider boots the job cold instead."""
+
+
+class ImagePullFailure(SystemFailure):
+    """A job's OCI image could not be made ready (GitLab's failure_reason
+    ``image_pull_failure``), raised before any job script runs. The message is one line that
+    says what to fix: an unknown image or tag, a registry unreachable, credentials refused or
+    missing, a corrupt layer, an image for another architecture, one too large, or pull_policy
+    ``never`` with the image not cached."""
+
+    reason = "image_pull_failure"  # Outcome.reason: what GitLab is told

@@ -12,6 +12,8 @@ packages=(
   redis-server                                          # the queue broker (tests start their own)
   nftables                                              # each VM's network policy
   git                                                   # GitLab jobs' sources; git-http-backend in tests
+  skopeo zstd                                           # OCI images: pulls, zstd layers (images/oci/)
+  docker-registry busybox-static                        # OCI tests: a loopback registry, busybox images
   python3 python3-venv python3-dev ca-certificates
 )
 missing=()
@@ -22,6 +24,12 @@ if ((${#missing[@]})); then
   echo "kata-ci setup: installing ${missing[*]}" >&2
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The OCI tests start their own registries on loopback (tests/oci_registry.py); Debian's package
+# also enables one on :5000 for every address, which a CI host has no use for.
+if [ -d /run/systemd/system ] && systemctl is-enabled --quiet docker-registry 2>/dev/null; then
+  systemctl disable --now docker-registry
 fi
 
 # Snapshot start needs QEMU >= 9.0 (README, "Fast start"); Debian 12 ships 7.2, its

@@ -1,5 +1,5 @@
 """Shared test plumbing: each phase's report on the test item (for log dumps), and a real
-redis-server per test module for the integration and e2e suites."""
+redis-server per test module for the integration and e2e suites, and a real OCI registry."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import pytest
 
 from tests import netlab
 from tests.integration.redis_server import RedisServer
+
+# The real OCI registry fixtures (oci_registry, oci_tls_registry, oci_auth_registry).
+pytest_plugins = ("tests.oci_registry",)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from kata_ci.executors.network.policy import GATEWAY_V4, GATEWAY_V6, GUEST_MAC, 
 AGENT_PORT_NAME = "kataci.agent"  # /dev/virtio-ports/<name> in the guest (guest/transport.py)
 AGENT_PORT_ID = "agentport"  # QMP VSERPORT_CHANGE reports this id when the guest opens it
 WORKSPACE_TAG = "workspace"  # virtio-fs tag, mounted by the agent's Mount RPC (guest/init.c)
+SCSI_ID = "scsi0"  # the controller OCI image disks are hot-added to (bus scsi0.0)
 QEMU = "qemu-system-x86_64"
 # QEMU's own seccomp filter (qemu-options "-sandbox"): no obsolete syscalls, no setuid/setgid,
 # no fork/exec, no scheduler or priority changes. On top of the unprivileged identity.
@@ -171,6 +172,9 @@ def qemu_argv(spec: VMSpec, paths: VMPaths, accel: Accel, floor: bool = False,
         assert files.layer is not None, "a VMSpec with a layer needs GuestFiles.layer"
         argv += ["-drive", f"id=layer,file={files.layer},format=raw,if=none,readonly=on",
                  "-device", "virtio-blk-device,drive=layer"]
+    # OCI images (VM.attach_image): hot-added later as LUNs of this controller, in cold and
+    # restored VMs alike, so a template made before any job's image is known serves all.
+    argv += ["-device", f"virtio-scsi-device,id={SCSI_ID}"]
     if spec.network.nic:
         # tap0 of the VM's network namespace, which QEMU runs in (executors/network/netns.py),
         # passed open: QEMU's identity has no access to /dev/net/tun.
@@ -203,7 +207,8 @@ def virtiofsd_argv(spec: VMSpec, program: str, fd: int, owner_uid: int, owner_gi
     inside the sandbox, never to the host's files. cache=auto: the host may change files while
     the job runs (an editor, a second job) and the guest must see it. Ownership: whatever uid
     or gid the guest creates or chowns to lands on the host as the workspace's owner, and the
-    owner's files appear to the guest as root's, so a job running as root may write them.
+    owner's files appear to the guest as root's (or as ``spec.workspace_ids``: an image's
+    user), so the job's own user may write them.
     ``root``: the server runs as root (a root-owned workspace); it then gives up the
     capabilities to make device nodes, set file capabilities and keep setid bits on write.
     """
@@ -213,7 +218,8 @@ def virtiofsd_argv(spec: VMSpec, program: str, fd: int, owner_uid: int, owner_gi
             f"--xattrmap={XATTRMAP}",
             f"--translate-uid=squash-guest:0:{owner_uid}:{NO_ID}",
             f"--translate-gid=squash-guest:0:{owner_gid}:{NO_ID}",
-            f"--translate-uid=host:{owner_uid}:0:1", f"--translate-gid=host:{owner_gid}:0:1"]
+            f"--translate-uid=host:{owner_uid}:{spec.workspace_ids[0]}:1",
+            f"--translate-gid=host:{owner_gid}:{spec.workspace_ids[1]}:1"]
     if root:
         argv.append("--modcaps=-mknod:-setfcap:-fsetid")
     return argv

@@ -123,6 +123,13 @@ class QemuVM(VM):
                          network_setup=self._net.setup_seconds if self._net else 0.0,
                          uplink_wait=time.monotonic() - healthy)
 
+    def attach_image(self, disk: Path, index: int) -> None:
+        fd = os.open(disk, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            qmp.attach_disk(self.paths.qmp, fd, index, self.check)
+        finally:
+            os.close(fd)
+
     def save(self, timeout: float) -> None:
         """A template VM (``Snapshot(restore=False)``), started: stop it, write its state."""
         assert self.snapshot is not None and not self.snapshot.restore

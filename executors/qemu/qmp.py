@@ -16,7 +16,7 @@ from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from kata_ci.errors import RestoreFailed, SystemFailure
-from kata_ci.executors.qemu.argv import AGENT_PORT_ID, SNAPSHOT_URI
+from kata_ci.executors.qemu.argv import AGENT_PORT_ID, SCSI_ID, SNAPSHOT_URI
 
 Check = Callable[[], None]
 # mapped-ram (QEMU >= 9.0): every RAM page at a fixed offset of the file, zero pages left as
@@ -115,3 +115,27 @@ def _until_ended(qmp: QEMUMonitorProtocol, deadline: float, check: Check) -> dic
 
 def _error(status: dict[str, Any]) -> str:
     return str(status.get("error-desc") or status.get("status"))
+
+
+IMAGE_FDSET_BASE = 10  # fdsets 10, 11, ...: image disks; 1 is the snapshot's
+
+
+def attach_disk(path: Path, fd: int, index: int, check: Check) -> None:
+    """Hot-add the read-only disk open as ``fd`` as LUN 0 of SCSI target ``index``. QEMU's
+    identity cannot open kata-ci's cache: the file goes over the QMP socket (SCM_RIGHTS)
+    into an fdset, and the block node opens it from there, read-only."""
+    fdset, node = IMAGE_FDSET_BASE + index, f"image{index}"
+    with monitor(path, check, "attaching an image disk") as qmp:
+        qmp.send_fd_scm(fd)
+        for command, args in (
+                ("add-fd", {"fdset-id": fdset, "opaque": f"kata-ci image {index}"}),
+                ("blockdev-add", {"driver": "raw", "node-name": node, "read-only": True,
+                                  "file": {"driver": "file", "read-only": True,
+                                           "filename": f"/dev/fdset/{fdset}"}}),
+                ("device_add", {"driver": "scsi-hd", "id": node, "drive": node,
+                                "bus": f"{SCSI_ID}.0", "scsi-id": index, "lun": 0})):
+            reply = qmp.cmd_raw(command, args)
+            if "error" in reply:
+                check()
+                raise SystemFailure(f"attaching image disk {index}: {command}: "
+                                    f"{reply['error'].get('desc', reply['error'])}")

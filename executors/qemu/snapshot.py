@@ -113,7 +113,8 @@ def template_spec(spec: VMSpec, placeholder: Path) -> VMSpec:
     """The VM a template is booted as: the job's size and images, the workspace device
     present over an empty placeholder folder, nothing else of any job."""
     network = NetworkPolicy(mode="egress") if spec.network.nic else NONE
-    return dataclasses.replace(spec, workspace=placeholder, guest_workdir=None, network=network)
+    return dataclasses.replace(spec, workspace=placeholder, guest_workdir=None, network=network,
+                               workspace_ids=(0, 0))
 
 
 def family(spec: VMSpec, accel: Accel) -> str:

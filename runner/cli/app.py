@@ -8,6 +8,7 @@ signal N), 124 timeout, 125 system failure (the VM or its plumbing failed, not t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from kata_ci.images.artifacts import Manifest
 from kata_ci.runner.core import config as config_mod
 from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.env import job_env, user_term
+from kata_ci.runner.core.images import ImageUse
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
 from kata_ci.runner.core.sinks import TerminalSink
 from kata_ci.runner.core.spec import (
@@ -101,6 +103,15 @@ class _RunCommand(click.Command):
 @click.option("--event", default="push", show_default=True,
               help="push, pull_request, workflow_dispatch, schedule: filters workflows by "
                    "`on:` and sets CI_PIPELINE_SOURCE.")
+@click.option("--image", metavar="REF",
+              help="Run the command (after --) in this OCI image's root, in the VM: "
+                   "python:3.12, registry.example.com/team/tool@sha256:...")
+@click.option("--user", "image_user", metavar="USER",
+              help="With --image: run as this user (name, uid, name:group, uid:gid).")
+@click.option("--entrypoint", metavar="PROGRAM",
+              help="With --image: replace the image's entrypoint; '' for none.")
+@click.option("--pull", "pull_policy", type=click.Choice(["always", "if-not-present", "never"]),
+              help="With --image: when to ask the registry (images.pull_policy).")
 @click.argument("command", nargs=-1)
 @click.pass_context
 def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int | None,
@@ -110,7 +121,8 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
         gitlab_ci: Path | None,
         workflow: Path | None, pipeline: bool, only: bool, parallel: int,
         var_items: tuple[str, ...],
-        env_file: Path | None, event: str, command: tuple[str, ...]) -> None:
+        env_file: Path | None, event: str, image: str | None, image_user: str | None,
+        entrypoint: str | None, pull_policy: str | None, command: tuple[str, ...]) -> None:
     """Run CI jobs or a command, each in a fresh microVM over the workspace.
 
     \b
@@ -118,6 +130,7 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
       kata-ci run build test       run these jobs (and the jobs they need)
       kata-ci run --pipeline -j 2  the whole pipeline, two VMs at once
       kata-ci run -- make test     a command, executed directly (use sh -c for shell syntax)
+      kata-ci run --image python:3.12 -- pytest    the command in an OCI image's root
       kata-ci run --secret TOKEN --secret KEY=@key.txt build    with masked secrets
     """
     from kata_ci.runner.core.env import parse_env
@@ -136,12 +149,22 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
         for item in secret_items:  # QEMU and virtiofsd inherit our environment: not these
             if "=" not in item:
                 os.environ.pop(item, None)
+        use = None
+        if image is not None:
+            use = ImageUse(image, None if entrypoint is None else
+                           tuple(w for w in [entrypoint] if w), image_user or "",
+                           pull_policy or "")
+        elif image_user is not None or entrypoint is not None or pull_policy is not None:
+            raise UserError("--user, --entrypoint and --pull go with --image")
+        if use is not None and not ctx.meta.get("raw_command"):
+            raise UserError("--image goes with a command: kata-ci run --image REF -- CMD "
+                            "(CI jobs name their image in the CI file)")
         if not ctx.meta.get("raw_command"):
             sys.exit(_run_ci(root, cfg, settings, gitlab_ci, workflow, list(command), pipeline,
                              only, parallel, var_items, env_file, event))
         if not command:
             raise UserError("no command after --")
-        outcome = _run_command(root, cfg, settings, command)
+        outcome = _run_command(root, cfg, settings, command, use)
     except UserError as exc:
         _fail(exc, EXIT_USAGE)
     if outcome.kind is OutcomeKind.SYSTEM_FAILURE:
@@ -182,14 +205,16 @@ def local_network(cfg: config_mod.Config, flag: bool) -> NetworkPolicy:
 
 
 def _run_command(root: Path, cfg: config_mod.Config, settings: RunSettings,
-                 command: tuple[str, ...]) -> Outcome:
+                 command: tuple[str, ...], image: ImageUse | None = None) -> Outcome:
     """`kata-ci run -- CMD`: one job, its output straight to the terminal."""
     from kata_ci.executors.provider import open_provider
     from kata_ci.runner.core.lifecycle import run_job, terminate_as_interrupt
 
-    provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size, cfg.vm.start)
+    provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size, cfg.vm.start,
+                             cfg.images.registries(), cfg.images.pull_policy)
     spec = settings.spec("command", Commands([Command(command)]),
                          job_env(settings.env, settings.secrets, term=settings.term), root)
+    spec = dataclasses.replace(spec, image=image)
     with checkout_lock(root), terminate_as_interrupt():
         try:
             return run_job(spec, provider, TerminalSink(notes=False), Cancel())
@@ -219,14 +244,16 @@ def _run_ci(root: Path, cfg: config_mod.Config, settings: RunSettings, gitlab_ci
         target = choose(found, names, pipeline)
         cancel = Cancel()
         plan = plan_for(found, target, names, only, root, user, settings, cancel)
-        provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size, cfg.vm.start)
+        provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size, cfg.vm.start,
+                             cfg.images.registries(), cfg.images.pull_policy)
         with terminate_as_interrupt():
             return run_selected(plan, provider, parallel, cancel, err)
 
 
 @main.group()
 def images() -> None:
-    """Build and inspect the guest images (kernel, rootfs, initramfs)."""
+    """Build and inspect the guest images (kernel, rootfs, initramfs); pull, list and prune
+    the OCI images jobs run in."""
 
 
 @images.command("build")
@@ -251,7 +278,8 @@ def images_build(mirror: str | None, config_path: Path | None, runner_tarball: P
                                  mirror or cfg.images.mirror or None,
                                  runner_tarball=runner_tarball, drop_runner=no_runner_layer)
             status.update("VM templates")
-            provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size, cfg.vm.start)
+            provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size, cfg.vm.start,
+                             cfg.images.registries(), cfg.images.pull_policy)
             keys = provider.prepare(config_mod.vm_sizes(cfg))
     except KataCIError as exc:
         _fail(exc, 1)
@@ -316,3 +344,8 @@ from kata_ci.runner.cli.gitlab_executor import gitlab_executor  # noqa: E402
 
 main.add_command(gitlab_executor)
 main.add_command(github)
+
+from kata_ci.runner.cli.oci import oci_list, oci_prune, oci_pull  # noqa: E402
+
+for _command in (oci_pull, oci_list, oci_prune):
+    images.add_command(_command)

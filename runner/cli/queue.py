@@ -23,6 +23,7 @@ from kata_ci.runner.core.env import parse_env, user_term
 from kata_ci.runner.core.outcome import EXIT_CANCELLED, FINAL, JobStatus, exit_status
 from kata_ci.runner.core.sinks import TerminalSink, stream_named
 from kata_ci.runner.core.spec import check_workspace
+from kata_ci.runner.github_runner.state import GitHubState
 from kata_ci.runner.queue.store import JobStore
 
 err = Console(stderr=True, highlight=False)
@@ -120,15 +121,29 @@ def submit(workspace: Path, label: str, timeout: float | None, detach: bool, ret
 @_usage_errors
 def jobs(count: int, config_path: Path | None) -> None:
     """Recent jobs with their state."""
-    _, store = _store(config_path)
+    cfg, store = _store(config_path)
+    github = GitHubState(store.r)
     table = Table("id", "state", "label", "created", "duration", "command")
     for job in store.recent(count):
         created = datetime.datetime.fromtimestamp(job.created_at).strftime("%Y-%m-%d %H:%M:%S")
         end = job.finished_at or (time.time() if job.started_at else None)
         took = f"{end - job.started_at:.1f}s" if end and job.started_at else ""
         state = job.state + (f" ({job.exit_code})" if job.exit_code not in (None, 0) else "")
-        table.add_row(job.id, state, job.label, created, took, " ".join(job.argv))
+        what = " ".join(job.argv)
+        if job.source == "github":
+            what = github_line(github, f"{cfg.github.name_prefix}{job.id}")
+        table.add_row(job.id, state, job.label, created, took, escape(what))
     Console().print(table)
+
+
+def github_line(state: GitHubState, runner: str) -> str:
+    """What a GitHub runner job is: its runner, and the workflow job GitHub gave it."""
+    record = state.runner(runner)
+    taken = state.job(record["github_job"]) if record.get("github_job") else {}
+    if not taken:
+        return f"GitHub runner {runner} ({record.get('state', 'gone')}): no job yet"
+    return (f"GitHub runner {runner} ({record.get('state', '')}): {taken.get('repo', '')} "
+            f"{taken.get('workflow', '')} / {taken.get('name', '')}")
 
 
 @click.command()

@@ -64,6 +64,8 @@ class CommandRequest:
     timeout: float = 0.0  # 0: none
     grace: float = 10.0
     timeout_message: str = ""  # what a timeout is reported as; default: this timeout
+    root: str = ""  # an OCI image root the agent made (core/images.py); "": kata-ci's
+    user: str = ""  # who runs it in that root (the image's User or the job's override)
 
 
 class Canceller:
@@ -101,7 +103,8 @@ class Canceller:
 def run_command(vm: VM, request: CommandRequest, sink: LogSink, cancel: Cancel) -> Outcome:
     """Run the request to its end. ``cancel`` is checked about ten times a second; Ctrl-C
     (KeyboardInterrupt, in the main thread) cancels too."""
-    stream = vm.agent.exec(request.argv, request.env, request.cwd)
+    stream = vm.agent.exec(request.argv, request.env, request.cwd, root=request.root,
+                           user=request.user)
     done = threading.Event()
     failure: list[SystemFailure] = []
 
@@ -145,6 +148,8 @@ def run_command(vm: VM, request: CommandRequest, sink: LogSink, cancel: Cancel) 
     if failure:
         return Outcome.system_failure(with_diagnostics(failure[0], vm))
     assert stream.exit is not None
+    if stream.exit.error:  # never started (no such program, unknown user): say it as a shell
+        sink.write("stderr", f"kata-ci: {stream.exit.error}\n".encode(errors="replace"))
     return Outcome.from_exit(stream.exit)
 
 

@@ -41,6 +41,7 @@ from typing import Any, Literal, get_args
 
 from kata_ci.errors import UserError
 from kata_ci.executors.network.policy import NetworkPolicy, build_policy
+from kata_ci.images.oci.registry import RegistryConfig
 from kata_ci.runner.github_runner.settings import GitHubConfig
 from kata_ci.runner.github_runner.settings import parse as parse_github
 from kata_ci.runner.gitlab_runner.settings import GitLabConfig
@@ -104,7 +105,31 @@ class VMConfig:
 
 @dataclass(frozen=True)
 class ImagesConfig:
+    """[images]: kata-ci's own VM images (mirror) and the OCI images jobs run in."""
+
     mirror: str = ""
+    pull_policy: str = "always"  # GitLab's default: a tag is re-resolved, layers are cached
+    auth_file: str = ""  # docker-style config.json for registries (~/.docker/config.json)
+    insecure_registries: list[str] = field(default_factory=list)  # plain HTTP allowed
+    cert_dirs: dict[str, str] = field(default_factory=dict)  # registry -> CA directory
+    registry_mirrors: dict[str, str] = field(default_factory=dict)  # "docker.io" -> mirror
+
+    def validate(self, source: str) -> ImagesConfig:
+        if self.pull_policy not in ("always", "if-not-present", "never"):
+            raise UserError(f"{source}: images.pull_policy {self.pull_policy!r}: expected "
+                            "always, if-not-present or never")
+        if not all(isinstance(v, str) for v in [*self.insecure_registries,
+                                                *self.cert_dirs.values(),
+                                                *self.registry_mirrors.values()]):
+            raise UserError(f"{source}: images.insecure_registries, images.cert_dirs and "
+                            "images.registry_mirrors hold strings")
+        return self
+
+    def registries(self) -> RegistryConfig:
+        return RegistryConfig(auth_file=Path(self.auth_file).expanduser() if self.auth_file
+                              else None, insecure=tuple(self.insecure_registries),
+                              cert_dirs={k: Path(v) for k, v in self.cert_dirs.items()},
+                              mirrors=dict(self.registry_mirrors))
 
 
 @dataclass(frozen=True)
@@ -208,6 +233,7 @@ def load(path: Path | None = None) -> Config:
                     gitlab=parse_gitlab(str(path), raw.get("gitlab", {})),
                     github=parse_github(str(path), raw.get("github", {})), source=str(path))
     config.vm.validate(str(path))
+    config.images.validate(str(path))
     config.queue.validate(str(path))
     config.network.validate(str(path))
     for label in config.labels:

@@ -21,7 +21,10 @@ from types import FrameType
 from kata_ci.errors import SystemFailure, UserError
 from kata_ci.executors.base import VM
 from kata_ci.executors.provider import VMProvider, VMRequest
+from kata_ci.images.oci.store import Image
+from kata_ci.runner.core import services
 from kata_ci.runner.core.command import Cancel, CommandRequest, run_command, with_diagnostics
+from kata_ci.runner.core.images import JobRoot, enter, image_env, pull, workspace_ids
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
 from kata_ci.runner.core.secrets import Masker, MaskingSink
 from kata_ci.runner.core.sinks import LogSink, note
@@ -33,12 +36,16 @@ log = logging.getLogger("kata_ci.lifecycle")
 class Session:
     """What a job's script may do with its running VM."""
 
-    def __init__(self, spec: JobSpec, vm: VM, sink: LogSink, cancel: Cancel) -> None:
+    def __init__(self, spec: JobSpec, vm: VM, sink: LogSink, cancel: Cancel,
+                 root: JobRoot | None = None, image: Image | None = None) -> None:
         self.spec = spec
         self.vm = vm
         self.sink = sink
         self.cancel = cancel
         self.deadline = time.monotonic() + spec.timeout if spec.timeout else None
+        self.root = root  # the job's OCI image root, when it has an image
+        self.image = image
+        self.env = self.image_env(spec.env)
 
     @property
     def workdir(self) -> str:
@@ -62,9 +69,14 @@ class Session:
                 return Outcome.timeout(self.spec.timeout)
             if not timeout or remaining < timeout:
                 timeout, message = remaining, f"job timed out after {self.spec.timeout:g}s"
-        env = self.spec.env if command.env is None else command.env
-        request = CommandRequest(command.argv, env, command.cwd or self.workdir, timeout,
-                                 self.spec.grace, message)
+        env = self.env if command.env is None else command.env
+        argv, root, user = list(command.argv), "", ""
+        if self.root is not None:
+            if command.env is not None:
+                env = self.image_env(command.env)
+            argv, root, user = self.root.argv(argv), self.root.name, self.root.user
+        request = CommandRequest(argv, env, command.cwd or self.workdir, timeout,
+                                 self.spec.grace, message, root, user)
         if cancel is not None and cancel is not self.cancel:
             cancel = _either(cancel, self.cancel)
         return run_command(self.vm, request, sink or self.sink, cancel or self.cancel)
@@ -73,11 +85,22 @@ class Session:
         """Mask ``value`` in the rest of the job's output; False if too short to mask."""
         return isinstance(self.sink, MaskingSink) and self.sink.add(value)
 
+    def image_env(self, env: Mapping[str, str]) -> Mapping[str, str]:
+        """An environment with the image's Env beneath it (core/images.py)."""
+        if self.image is None or self.spec.image is None:
+            return env
+        return image_env(self.image, env, self.spec.image)
+
+    def _guest(self, path: str) -> str:
+        return path if self.root is None else self.root.guest_path(path, self.workdir)
+
     def put_files(self, files: Mapping[str, bytes], mode: int = 0o644) -> None:
-        self.vm.agent.put_files(files, mode)
+        """Files as the job's commands see them (in its image root, if it has one)."""
+        self.vm.agent.put_files({self._guest(p): d for p, d in files.items()}, mode)
 
     def get_files(self, paths: Sequence[str], max_bytes: int) -> dict[str, bytes | None]:
-        return self.vm.agent.get_files(paths, max_bytes)
+        got = self.vm.agent.get_files([self._guest(p) for p in paths], max_bytes)
+        return {p: got.get(self._guest(p)) for p in paths}
 
     def note(self, text: str) -> None:
         note(self.sink, text)
@@ -114,12 +137,25 @@ def _flush(sink: MaskingSink) -> None:
 def _run_job(spec: JobSpec, provider: VMProvider, sink: LogSink, cancel: Cancel) -> Outcome:
     vm: VM | None = None
     outcome: Outcome | None = None
+    image: Image | None = None
+    service_images: list[Image] = []
+    held = contextlib.ExitStack()  # the job's image disks: `images prune` leaves them alone
     try:
-        vm = _prepare(spec, provider, cancel)
+        if spec.image is not None:  # before any VM: a pull failure costs none
+            note(sink, f"pulling image {spec.image.name}")
+            image = pull(spec.image, provider.image_store(), provider.pull_policy)
+            held.enter_context(provider.image_store().in_use(image))
+        for service in spec.services:
+            note(sink, f"pulling service image {service.image.name}")
+            service_images.append(pull(service.image, provider.image_store(),
+                                       provider.pull_policy))
+            held.enter_context(provider.image_store().in_use(service_images[-1]))
+        vm = _prepare(spec, provider, cancel,
+                      workspace_ids(image, spec.image) if image and spec.image else (0, 0))
         if cancel.is_set():
             outcome = Outcome.cancelled("cancelled during boot")
         else:
-            outcome = _run(spec, vm, sink, cancel)
+            outcome = _run(spec, vm, sink, cancel, image, service_images)
     except KeyboardInterrupt:
         cancel.set()
         outcome = Outcome.cancelled("cancelled during boot" if vm is None else "job cancelled")
@@ -135,10 +171,12 @@ def _run_job(spec: JobSpec, provider: VMProvider, sink: LogSink, cancel: Cancel)
         if vm is not None:
             with _uninterruptible():
                 provider.release(vm, graceful=outcome is not None and outcome.ran_to_end)
+        held.close()
     return outcome
 
 
-def _prepare(spec: JobSpec, provider: VMProvider, cancel: Cancel) -> VM:
+def _prepare(spec: JobSpec, provider: VMProvider, cancel: Cancel,
+             ids: tuple[int, int]) -> VM:
     """A running VM; a cancel during boot kills it (boot then fails, and we say cancelled)."""
     booting: list[VM] = []
     booted = threading.Event()
@@ -155,15 +193,31 @@ def _prepare(spec: JobSpec, provider: VMProvider, cancel: Cancel) -> VM:
     watcher.start()
     try:
         return provider.acquire(VMRequest(spec.workspace, spec.guest_workdir, spec.vcpus,
-                                          spec.memory_mib, spec.boot_timeout, spec.network),
+                                          spec.memory_mib, spec.boot_timeout, spec.network,
+                                          ids),
                                 booting.append)
     finally:
         booted.set()
 
 
-def _run(spec: JobSpec, vm: VM, sink: LogSink, cancel: Cancel) -> Outcome:
+def _run(spec: JobSpec, vm: VM, sink: LogSink, cancel: Cancel, image: Image | None,
+         service_images: list[Image]) -> Outcome:
     try:
-        return spec.script.run(Session(spec, vm, sink, cancel))
+        root = None
+        hosts = services.hosts_for(spec.services)
+        if image is not None and spec.image is not None:
+            root = enter(vm, image, spec.image, hosts, lambda text: note(sink, text))
+        elif hosts:  # kata-ci's own root: the aliases in its /etc/hosts
+            vm.agent.put_files({"/etc/hosts": services.hosts_file(hosts).encode()})
+        session = Session(spec, vm, sink, cancel, root, image)
+        started = [(use, pulled, services.start(vm, index, use, pulled, session.env, hosts))
+                   for index, (use, pulled) in enumerate(
+                       zip(spec.services, service_images, strict=True), start=1)]
+        if started:
+            note(sink, "services: " + ", ".join(f"{u.image.name} as {', '.join(u.aliases)}"
+                                               for u, _, _ in started))
+            services.wait_healthy(vm, started, lambda text: note(sink, text))
+        return spec.script.run(session)
     except SystemFailure as exc:
         return Outcome.system_failure(with_diagnostics(exc, vm))
     except UserError as exc:  # something in the job's own definition, found at run time

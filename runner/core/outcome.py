@@ -35,6 +35,7 @@ class Outcome:
     exit_code: int  # what `kata-ci run` exits with
     message: str = ""
     diagnostics: str = ""
+    reason: str = ""  # a finer class of system failure for GitLab: image_pull_failure
 
     @classmethod
     def from_exit(cls, ex: Exit) -> Outcome:
@@ -49,7 +50,7 @@ class Outcome:
     @classmethod
     def system_failure(cls, failure: SystemFailure) -> Outcome:
         return cls(OutcomeKind.SYSTEM_FAILURE, EXIT_SYSTEM_FAILURE, str(failure.args[0]),
-                   failure.diagnostics)
+                   failure.diagnostics, getattr(failure, "reason", ""))
 
     @classmethod
     def job_failure(cls, message: str, exit_code: int = 1) -> Outcome:

@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Protocol
 
 from kata_ci.errors import UserError
 from kata_ci.executors.network.policy import NONE, NetworkPolicy, narrow
+from kata_ci.runner.core.images import ImageUse
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
 from kata_ci.runner.core.secrets import GITLAB_MASK, check_secrets
+from kata_ci.runner.core.services import ServiceUse
 
 if TYPE_CHECKING:
     from kata_ci.runner.core.lifecycle import Session
@@ -63,10 +65,11 @@ class Commands:
 class JobSpec:
     """Everything the lifecycle needs to run one job, whoever asked for it.
 
-    Landing points for what comes next: an OCI image (the OCI issue) becomes a field here.
-    ``network``: what the VM may reach (executors/network/policy.py). ``secrets`` reach the
-    job only through ``env`` (over the agent channel); the lifecycle masks their values in
-    every sink of the job, with ``mask`` (GitLab's ``[MASKED]``, GitHub's ``***``) in their place.
+    ``image``: the OCI image the job's commands run in (core/images.py); None: kata-ci's own
+    root filesystem. ``network``: what the VM may reach (executors/network/policy.py).
+    ``secrets`` reach the job only through ``env`` (over the agent channel); the lifecycle
+    masks their values in every sink of the job, with ``mask`` (GitLab's ``[MASKED]``,
+    GitHub's ``***``) in their place.
     """
 
     name: str
@@ -82,6 +85,8 @@ class JobSpec:
     network: NetworkPolicy = NONE  # mode none: no NIC at all
     secrets: Mapping[str, str] = field(default_factory=dict)  # name -> value, masked in logs
     mask: str = GITLAB_MASK
+    image: ImageUse | None = None
+    services: tuple[ServiceUse, ...] = ()  # core/services.py: in the same VM, own roots
 
     def __post_init__(self) -> None:
         check_secrets(self.secrets)  # a value too short to mask never reaches a VM

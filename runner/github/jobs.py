@@ -7,6 +7,7 @@ job cancels its siblings that have not started. Each job runs in its own VM (Git
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
 from kata_ci.runner.core.schedule import JobResult, run_dag, with_needs
 from kata_ci.runner.core.secrets import GITHUB_MASK
 from kata_ci.runner.core.spec import JobSpec, RunSettings
+from kata_ci.runner.github.container import container_image, service_uses
 from kata_ci.runner.github.expr import render
 from kata_ci.runner.github.steps import (
     GitHubSteps,
+    JobState,
     RunContext,
     condition,
     contexts,
@@ -127,8 +130,15 @@ class GitHubPlan(GitHubGraph):
         script = GitHubSteps(job, self.rc, base, self.settings.env)
         self.scripts[job.name] = script
         own = job.timeout_minutes * 60 if job.timeout_minutes else None
-        return self.settings.spec(job.name, script, base, self.rc.workspace,
-                                  self.settings.job_timeout(own), mask=GITHUB_MASK)
+        ctx = contexts(job, JobState(), self.rc)  # container: matrix, github, secrets...
+        image, secrets, script.notes = container_image(job.container,
+                                                       lambda text: render(text, ctx))
+        services, more, notes = service_uses(job.services, lambda text: render(text, ctx))
+        script.notes += notes
+        spec = self.settings.spec(job.name, script, base, self.rc.workspace,
+                                  self.settings.job_timeout(own), secrets={**secrets, **more},
+                                  mask=GITHUB_MASK)
+        return dataclasses.replace(spec, image=image, services=services)
 
     def result(self, job: GHJob, outcome: Outcome, took: float) -> JobResult:
         script = self.scripts.pop(job.name, None)

@@ -5,9 +5,11 @@ As on GitHub's runner: each step is its own process in its shell (bash: `bash --
 `$GITHUB_STEP_SUMMARY` are files the host empties before and reads back after every step
 (agent PutFiles/GetFiles); a step's `if` defaults to `success()`; `continue-on-error` keeps
 the job going. A step that cannot start (unknown shell, a bad expression) fails as a step,
-like any other failing step. `uses: actions/checkout` is the mounted checkout; other actions
-cannot be fetched and are skipped with a warning. `::add-mask::VALUE` on a line of a step's
-output masks VALUE (`***`) in the rest of the job's output; the line itself is not shown.
+like any other failing step. In a job's container (its OCI image) a step without `shell:`
+runs with `bash -e` if the image has bash, else `sh -e`, as GitHub's runner falls back.
+`uses: actions/checkout` is the mounted checkout; other actions cannot be fetched and are
+skipped with a warning. `::add-mask::VALUE` on a line of a step's output masks VALUE (`***`)
+in the rest of the job's output; the line itself is not shown.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from kata_ci.runner.core.env import job_env
 from kata_ci.runner.core.lifecycle import Session
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
 from kata_ci.runner.core.secrets import MIN_SECRET_BYTES
+from kata_ci.runner.core.shell import file_argv
 from kata_ci.runner.core.sinks import Stream
 from kata_ci.runner.core.spec import Command
 from kata_ci.runner.github.expr import evaluate, render, truthy, uses_status_function
@@ -237,10 +240,13 @@ class GitHubSteps:
         self.base_env = base_env  # job_env defaults + TERM + GITHUB_*
         self.user_env = user_env  # -e: over everything the workflow sets
         self.state = JobState()
+        self.notes: list[str] = []  # what of the job's container kata-ci does not honour
 
     def run(self, session: Session) -> Outcome:
         for key in self.job.unsupported:
-            session.note(f"{key}: needs a registry; the job runs in the kata-ci VM image")
+            session.note(f"{key}: is not supported by kata-ci; ignored")
+        for text in self.notes:
+            session.note(text)
         for step in self.job.steps:
             ended = self._step(session, step)
             if ended is not None:
@@ -322,8 +328,9 @@ class GitHubSteps:
                  functions: Mapping[str, Callable[..., Any]]) -> Command:
         """The step's process, its script written into the guest; UserError if the step
         cannot start (unknown shell, bad expression)."""
-        shell = step.shell or self.job.shell or "bash"
-        template = SHELLS.get(shell, shell)
+        shell = step.shell or self.job.shell
+        detect = not shell and session.spec.image is not None  # bash, else sh (container)
+        template = SHELLS.get(shell or "bash", shell or "bash")
         if not template or "{0}" not in template:
             raise UserError(f"shell {shell!r} is not available in the guest")
         step_env = {k: render(v, ctx, functions) for k, v in step.env.items()}
@@ -336,7 +343,8 @@ class GitHubSteps:
         env = job_env(self.base_env, ctx["env"], step_env, self.user_env,
                       path_prepend=self.state.path)
         timeout = step.timeout_minutes * 60 if step.timeout_minutes else 0.0
-        return Command(template.replace("{0}", script).split(), env,
+        argv = file_argv(script) if detect else template.replace("{0}", script).split()
+        return Command(argv, env,
                        str(self.rc.workspace / workdir) if workdir else "", timeout,
                        timeout_message=f"step timed out after {timeout:g}s" if timeout else "")
 

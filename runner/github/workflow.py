@@ -17,6 +17,7 @@ import yaml
 from kata_ci.errors import UserError
 from kata_ci.runner.core import beneath
 from kata_ci.runner.core.schedule import find_cycle
+from kata_ci.runner.github.container import Container, parse_container, parse_services
 from kata_ci.runner.github.expr import ExpressionError, evaluate
 
 WORKFLOW_KEYS = {"name", "run-name", "on", "permissions", "env", "defaults", "concurrency",
@@ -62,8 +63,10 @@ class GHJob:
     continue_on_error: Any
     outputs: dict[str, str]
     fail_fast: bool
-    unsupported: list[str] = field(default_factory=list)
+    unsupported: list[str] = field(default_factory=list)  # keys noted once per job
     line: int = 0
+    container: Container | None = None  # its expressions rendered when the job is built
+    services: dict[str, Container] = field(default_factory=dict)  # id -> container, likewise
 
 
 @dataclass
@@ -199,6 +202,11 @@ def load_workflow(path: Path, workspace: Path | None = None) -> Workflow:
             if if_ is not None:
                 _check_expression(str(if_), where, key)
         combos = expand_matrix(strategy.get("matrix"), f"{where}: job {key!r}")
+        try:
+            container = parse_container(raw.get("container"), where, key)
+            services = parse_services(raw.get("services"), where, key)
+        except UserError as exc:
+            raise WorkflowError(str(exc)) from None
         for combo in combos:
             label = ", ".join(_display(v) for v in combo.values())
             jobs.append(GHJob(
@@ -212,8 +220,7 @@ def load_workflow(path: Path, workspace: Path | None = None) -> Workflow:
                 continue_on_error=raw.get("continue-on-error", False),
                 outputs=_text_map(raw.get("outputs"), where, "outputs"),
                 fail_fast=bool(strategy.get("fail-fast", True)),
-                unsupported=[k for k in ("container", "services") if raw.get(k)],
-                line=lines.get(key, 0)))
+                line=lines.get(key, 0), container=container, services=services))
     _check_cycles(jobs_raw, path)
     return Workflow(path=path, name=str(data.get("name", path.name)),
                     events=events_of(data.get("on")),

@@ -20,9 +20,12 @@ import yaml
 
 from kata_ci.errors import UserError
 from kata_ci.runner.core import beneath
+from kata_ci.runner.core.images import ImageUse
 from kata_ci.runner.core.schedule import find_cycle
 from kata_ci.runner.core.secrets import secret_problem
+from kata_ci.runner.core.services import ServiceUse
 from kata_ci.runner.gitlab.expr import evaluate
+from kata_ci.runner.gitlab.image import parse_image, parse_services
 
 JOB_KEYS = {
     "after_script", "allow_failure", "artifacts", "before_script", "cache", "coverage",
@@ -69,9 +72,12 @@ class CIJob:
     allow_failure: bool = False
     allow_exit_codes: list[int] = field(default_factory=list)
     timeout: float | None = None
-    unsupported: list[str] = field(default_factory=list)  # image/services: said once per job
+    unsupported: list[str] = field(default_factory=list)  # keys said once per job
     line: int = 0
     masked: list[str] = field(default_factory=list)  # variables written with masked: true
+    image: ImageUse | None = None  # its name (and user) not yet expanded: jobs.job_image
+    services: tuple[ServiceUse, ...] = ()  # likewise
+    notes: list[str] = field(default_factory=list)  # what of image: kata-ci does not honour
 
 
 @dataclass
@@ -320,6 +326,13 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
                 label = ", ".join(str(c) for c in combo)
                 variants.append((f"{name}: [{label}]", dict(zip(keys, map(str, combo),
                                                                 strict=True))))
+    try:
+        image, notes = parse_image(body.get("image"), f"{where}: job {name!r}: image")
+        services, more = parse_services(body.get("services"),
+                                        f"{where}: job {name!r}: services")
+        notes += more
+    except UserError as exc:
+        raise CIError(str(exc)) from None
     jobs = []
     for index, (job_name, extra) in enumerate(variants, 1):
         env = {**predefined, **job_vars, **extra, "CI_JOB_NAME": job_name, "CI_JOB_STAGE": stage}
@@ -348,8 +361,8 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
             when=when, allow_failure=bool(allow_failure) or (when == "manual" and "rules"
                                                              not in body),
             allow_exit_codes=codes, timeout=parse_duration(body.get("timeout"), where),
-            unsupported=[k for k in ("image", "services") if body.get(k)],
-            line=int(where.rsplit(":", 1)[1])))
+            line=int(where.rsplit(":", 1)[1]), image=image, services=services,
+            notes=list(notes)))
     return jobs
 
 

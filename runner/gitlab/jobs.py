@@ -5,11 +5,13 @@ for every job of the earlier stages. `when: on_success` needs no failure before 
 `on_failure` needs one, `always` runs regardless, `manual` runs only when named. Each job
 runs before_script + script in one bash with `set -eo pipefail` (commands echoed with `$ `,
 as GitLab's runner does), then after_script in a fresh shell whose failure does not fail the
-job.
+job. A job with an ``image:`` runs in that image's root, with bash if the image has it, else
+with sh (core/shell.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import time
@@ -24,8 +26,10 @@ from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
 from kata_ci.runner.core.repo import RepoSnapshot, read_repo
 from kata_ci.runner.core.schedule import JobResult, run_dag, with_needs
 from kata_ci.runner.core.secrets import GITLAB_MASK
+from kata_ci.runner.core.shell import preamble, script_argv
 from kata_ci.runner.core.spec import Command, JobSpec, RunSettings
 from kata_ci.runner.gitlab.ci_file import CIJob, Pipeline
+from kata_ci.runner.gitlab.image import expand_image, expand_services
 
 AFTER_SCRIPT_TIMEOUT = 300.0  # GitLab's fixed after_script limit
 
@@ -69,13 +73,22 @@ def expand(variables: Mapping[str, str], base: Mapping[str, str]) -> dict[str, s
     return {k: known[k] for k in variables}
 
 
-def job_script(lines: list[str], echo: bool = True) -> str:
-    parts = ["set -eo pipefail"]
+def job_script(lines: list[str], echo: bool = True, image: bool = False) -> str:
+    """The script of a step: `set -eo pipefail`, each line echoed then run. ``image``: for
+    whatever shell the job's image has (pipefail only where it is known)."""
+    parts = [preamble(image)]
     for line in lines:
         if echo:
             parts.append(f"printf '\\033[32m%s\\033[0m\\n' {shlex.quote('$ ' + line)}")
         parts.append(line)
     return "\n".join(parts) + "\n"
+
+
+def script_command(session: Session, lines: list[str]) -> list[str]:
+    """argv running ``lines`` as GitLab does: bash in kata-ci's root (as ever); in the job's
+    image, bash if it has one, else sh."""
+    image = session.spec.image is not None
+    return script_argv(job_script(lines, image=image), image)
 
 
 @dataclass(frozen=True)
@@ -86,10 +99,14 @@ class GitLabScript:
 
     def run(self, session: Session) -> Outcome:
         for key in self.job.unsupported:
-            session.note(f"{key}: is not honoured without a registry; the job runs in the "
-                         "kata-ci VM image")
-        main = job_script(self.job.before_script + self.job.script)
-        outcome = session.run(Command(["bash", "-c", main]))
+            session.note(f"{key}: is not supported by kata-ci; ignored")
+        for text in self.job.notes:
+            session.note(text)
+        if self.job.image is not None and session.spec.image is None:
+            session.note(f"image: {self.job.image.name} expands to nothing: the job runs in "
+                         "kata-ci's own root")
+        outcome = session.run(Command(script_command(
+            session, self.job.before_script + self.job.script)))
         if self.job.after_script and outcome.kind is not OutcomeKind.SYSTEM_FAILURE \
                 and not session.cancel.is_set():
             run_after_script(session, self.job.after_script,
@@ -101,7 +118,7 @@ def run_after_script(session: Session, lines: list[str], status: str) -> None:
     """after_script as GitLab runs it: a fresh shell with CI_JOB_STATUS, 5 minutes of its
     own outside the job's timeout; its failure is noted and changes nothing."""
     after = session.run(Command(
-        ["bash", "-c", job_script(lines)], env={**session.spec.env, "CI_JOB_STATUS": status},
+        script_command(session, lines), env={**session.spec.env, "CI_JOB_STATUS": status},
         timeout=AFTER_SCRIPT_TIMEOUT, within_job_timeout=False,
         timeout_message=f"after_script timed out after {AFTER_SCRIPT_TIMEOUT:g}s"))
     if after.kind is not OutcomeKind.SUCCESS:
@@ -171,9 +188,12 @@ class GitLabPlan(GitLabGraph):
                      **self.user_vars, **secrets}
         env = job_env(variables, self.settings.env, term=self.settings.term)
         masked = {name: env[name] for name in job.masked if name in env}
-        return self.settings.spec(job.name, GitLabScript(job), env, self.project,
+        spec = self.settings.spec(job.name, GitLabScript(job), env, self.project,
                                   self.settings.job_timeout(job.timeout), secrets=masked,
                                   mask=GITLAB_MASK)
+        # the image's name may use the job's variables, as gitlab-runner expands it
+        return dataclasses.replace(spec, image=expand_image(job.image, env),
+                                   services=expand_services(job.services, env))
 
     def result(self, job: CIJob, outcome: Outcome, took: float) -> JobResult:
         allowed = job.allow_failure or (outcome.kind is OutcomeKind.JOB_FAILURE

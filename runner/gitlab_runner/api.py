@@ -31,10 +31,14 @@ FEATURES: dict[str, bool] = {
     "multi_build_steps": True, "return_exit_code": True, "trace_reset": True,
     "trace_checksum": True, "trace_size": True, "cancelable": True, "cancel_gracefully": True,
     "two_phase_job_commit": True,
+    # image: the job runs in its OCI image's root (core/images.py); of executor_opts, docker
+    # user is honoured, platform is noted (the image's linux/amd64 variant runs)
+    "image": True, "image_executor_opts": True,
+    # services: each in its own root in the job's VM, aliases in /etc/hosts (core/services.py)
+    "services": True, "service_variables": True, "service_multiple_aliases": True,
     # Not (yet) implemented: announcing them would take jobs kata-ci cannot run as asked.
-    "image": False, "services": False, "shared": False, "session": False, "terminal": False,
-    "proxy": False, "vault_secrets": False, "service_variables": False,
-    "service_multiple_aliases": False, "image_executor_opts": False,
+    "shared": False, "session": False, "terminal": False,
+    "proxy": False, "vault_secrets": False,
     "service_executor_opts": False, "native_steps_integration": False, "job_inputs": False,
 }
 LONG_POLL = 60.0  # Workhorse holds jobs/request up to 50 s by default

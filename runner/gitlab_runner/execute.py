@@ -14,6 +14,7 @@ and the poller that took the job (poller.py) ships it to GitLab and reports the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -32,17 +33,22 @@ from kata_ci.executors.provider import VMProvider
 from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.config import Config
 from kata_ci.runner.core.env import job_env
+from kata_ci.runner.core.images import ImageUse
 from kata_ci.runner.core.lifecycle import run_job
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
+from kata_ci.runner.core.registry_auth import docker_auths, first_per_registry, masks
 from kata_ci.runner.core.secrets import GITLAB_MASK, Masker, MaskingSink, secret_problem
+from kata_ci.runner.core.services import ServiceUse
 from kata_ci.runner.core.sinks import LogSink, note
 from kata_ci.runner.core.spec import JobSpec, job_network
+from kata_ci.runner.gitlab.image import expand_services
 from kata_ci.runner.gitlab_runner import files, selection, sources
 from kata_ci.runner.gitlab_runner.api import GitLabAPI
 from kata_ci.runner.gitlab_runner.masking import PrefixMaskingSink
 from kata_ci.runner.gitlab_runner.payload import GitLabJob, parse_job
 from kata_ci.runner.gitlab_runner.steps import (
     GitLabSteps,
+    Variables,
     expand,
     guest_project_dir,
     runner_variables,
@@ -105,8 +111,12 @@ def _run(job: GitLabJob, api: GitLabAPI, runner_id: int, sink: MaskingSink,
         elif name != "CI_JOB_TOKEN":
             note(sink, f"masked variable {name} is too short to mask; the job does not run")
             return Outcome.job_failure(f"masked variable {name} cannot be masked")
-    if job.image or job.services:
-        note(sink, "image/services are not supported yet: the job runs in kata-ci's own image")
+    try:
+        image = job_image(job, found, sink)
+    except UserError as exc:
+        note(sink, f"ERROR: {exc}")
+        return Outcome.job_failure(str(exc))
+    services = job_services(job, found, image)
     hooks = job.raw.get("hooks")
     if isinstance(hooks, list) and hooks:
         names = ", ".join(str(h.get("name", "?"))[:40] for h in hooks if isinstance(h, dict))
@@ -130,7 +140,7 @@ def _run(job: GitLabJob, api: GitLabAPI, runner_id: int, sink: MaskingSink,
             timeout=timeout, grace=ctx.config.vm.grace, boot_timeout=ctx.config.vm.boot_timeout,
             vcpus=_size(ctx, "vcpus"), memory_mib=_size(ctx, "memory_mib"),
             network=job_network(ctx.network, found.env, f"GitLab job {job.id}"),
-            secrets={}, mask=GITLAB_MASK)
+            secrets={}, mask=GITLAB_MASK, image=image, services=services)
     except UserError as exc:
         note(sink, f"ERROR: {exc}")
         return Outcome.job_failure(str(exc))
@@ -152,6 +162,53 @@ def _run(job: GitLabJob, api: GitLabAPI, runner_id: int, sink: MaskingSink,
         note(sink, f"ERROR: {exc}")
         return Outcome.job_failure(str(exc)) if succeeded else outcome
     return outcome
+
+
+def job_image(job: GitLabJob, found: Variables, sink: MaskingSink) -> ImageUse | None:
+    """The job's image, its name expanded with the job's variables (as gitlab-runner does),
+    with the registry credentials of DOCKER_AUTH_CONFIG (first, as gitlab-runner ranks it)
+    and of the payload. Every password is masked in the job's output from here on, with or
+    without an image (DOCKER_AUTH_CONFIG reaches the job as a variable). UserError when the
+    job has an image and DOCKER_AUTH_CONFIG is not a docker config.json."""
+    credentials = list(job.credentials)
+    notes: list[str] = []
+    problem: UserError | None = None
+    text = found.env.get("DOCKER_AUTH_CONFIG", "")
+    var = job.variable_map.get("DOCKER_AUTH_CONFIG")
+    if var is not None and var.file and text in found.files:  # a file variable: its content
+        text = found.files[text].decode(errors="replace")
+    if text.strip():
+        try:
+            auths, notes = docker_auths(text, "DOCKER_AUTH_CONFIG")
+            credentials[:0] = auths
+        except UserError as exc:
+            problem = exc
+    for value in masks(credentials):
+        if secret_problem(value) is None:
+            sink.add(value)
+    if job.image_use is None:
+        return None
+    name = expand(job.image_use.name, found.env).strip()
+    if not name:
+        note(sink, f"image {job.image_use.name} expands to nothing: the job runs in kata-ci's "
+                   "own root")
+        return None
+    if problem is not None:
+        raise problem
+    for line in [*job.image_notes, *notes]:
+        note(sink, line)
+    return dataclasses.replace(job.image_use, name=name,
+                               credentials=first_per_registry(credentials))
+
+
+def job_services(job: GitLabJob, found: Variables,
+                 image: ImageUse | None) -> tuple[ServiceUse, ...]:
+    """The job's services, names expanded, with the registry credentials the job's image
+    got (DOCKER_AUTH_CONFIG and the payload's)."""
+    credentials = image.credentials if image is not None else tuple(job.credentials)
+    return tuple(dataclasses.replace(s, image=dataclasses.replace(s.image,
+                                                                  credentials=credentials))
+                 for s in expand_services(tuple(job.services), found.env))
 
 
 class _Cancelled(Exception):

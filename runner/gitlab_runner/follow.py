@@ -209,6 +209,8 @@ class Follower(threading.Thread):
         except KataCIError:
             job = None
         state, reason = ENDINGS.get(job.state if job else "", ("failed", "runner_system_failure"))
+        if job is not None and job.reason and job.state == "system_failure":
+            reason = job.reason  # image_pull_failure; older GitLab gets unknown_failure
         body: dict[str, Any] = {"state": state, "output": self._output()}
         body["checksum"] = body["output"]["checksum"]  # the older spelling, for older GitLab
         if state == "failed":

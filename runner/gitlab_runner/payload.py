@@ -15,6 +15,11 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from kata_ci.errors import UserError
+from kata_ci.images.oci.registry import Credentials
+from kata_ci.runner.core.images import POLICIES, ImageUse
+from kata_ci.runner.core.registry_auth import registry_host
+from kata_ci.runner.core.services import ServiceUse, gitlab_aliases
+from kata_ci.runner.gitlab.image import entrypoint_of, platform_notes, policy_notes
 
 SHA = re.compile(r"[0-9a-f]{7,64}")  # hex only: never an option; full ids from GitLab
 # A refspec GitLab sends: +<sha or refs/...>:refs/...; nothing that could start an option.
@@ -124,8 +129,12 @@ class GitLabJob:
     dependencies: list[Dependency]
     mask_prefixes: list[str]
     failure_reasons: list[str]
-    image: str = ""  # what the job names; runs in kata-ci's own image until OCI support
-    services: list[str] = field(default_factory=list)
+    image: str = ""  # the image's name as GitLab sent it ("": none)
+    # entrypoint, user, pull policy; its name expanded and credentials added by execute
+    image_use: ImageUse | None = None
+    image_notes: list[str] = field(default_factory=list)  # what of it kata-ci ignores
+    credentials: list[Credentials] = field(default_factory=list)  # type registry, in order
+    services: list[ServiceUse] = field(default_factory=list)  # names not yet expanded
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -169,6 +178,64 @@ def _when(value: str, where: str) -> str:
     if value not in ("on_success", "on_failure", "always"):
         raise UserError(f"GitLab job payload: {where} when: {value!r} is not one GitLab sends")
     return value
+
+
+def _image(raw: dict[str, Any]) -> tuple[ImageUse | None, list[str]]:
+    """image {name, entrypoint, executor_opts {docker {user, platform}}, pull_policy []}."""
+    image = _get(raw, "image", dict, {}, "")
+    name = _get(image, "name", str, "", "image.")
+    entrypoint = _strings(image, "entrypoint", "image.")
+    docker = _get(_get(image, "executor_opts", dict, {}, "image."), "docker", dict, {},
+                  "image.executor_opts.")
+    user = _get(docker, "user", str, "", "image.executor_opts.docker.")
+    platform = _get(docker, "platform", str, "", "image.executor_opts.docker.")
+    policies = _strings(image, "pull_policy", "image.")
+    for policy in policies:
+        if policy not in POLICIES:
+            raise UserError(f"GitLab job payload: image.pull_policy {policy[:40]!r} is not "
+                            f"one of {', '.join(POLICIES)}")
+    if not name.strip():
+        return None, []
+    return ImageUse(name=name.strip(), entrypoint=entrypoint_of(entrypoint), user=user,
+                    pull_policy=policies[0] if policies else ""), \
+        platform_notes(platform) + policy_notes(policies)
+
+
+def _services(raw: dict[str, Any]) -> list[ServiceUse]:
+    """services[] {name, alias, entrypoint, command, ports [{number}], variables [{key,
+    value}], pull_policy}: names not yet expanded (execute does, with the job's variables)."""
+    found = []
+    for item in _objects(raw, "services"):
+        use, _ = _image({"image": item})
+        if use is None:
+            continue
+        ports = [_get(p, "number", int, 0, "services[].ports[].")
+                 for p in _objects(item, "ports")]
+        variables = {_get(v, "key", str, "", "services[].variables[]."):
+                     _get(v, "value", str, "", "services[].variables[].")
+                     for v in _objects(item, "variables")}
+        command = _strings(item, "command", "services[].")
+        found.append(ServiceUse(use, gitlab_aliases(use.name,
+                                                    _get(item, "alias", str, "", "services[].")),
+                                tuple(command) if command else None,
+                                {k: v for k, v in variables.items() if k},
+                                tuple(p for p in ports if 0 < p < 65536)))
+    return found
+
+
+def _credentials(raw: dict[str, Any]) -> list[Credentials]:
+    """credentials[] of type registry (GitLab's own registry, with the job's token)."""
+    found = []
+    for item in _objects(raw, "credentials"):
+        if _get(item, "type", str, "", "credentials[].").lower() != "registry":
+            continue
+        url = _get(item, "url", str, "", "credentials[].")
+        user = _get(item, "username", str, "", "credentials[].")
+        if url.strip() and user:
+            found.append(Credentials(registry=registry_host(url), username=user,
+                                     password=_get(item, "password", str, "",
+                                                   "credentials[].")))
+    return found
 
 
 def parse_job(raw: object) -> GitLabJob:
@@ -225,7 +292,7 @@ def parse_job(raw: object) -> GitLabJob:
                                        _get(d, "name", str, "", "dependencies[]."),
                                        _get(file, "filename", str, "", "artifacts_file.")))
     features = _get(raw, "features", dict, {}, "")
-    image = _get(raw, "image", dict, {}, "")
+    image, notes = _image(raw)
     return GitLabJob(
         id=job_id, token=token, name=_get(info, "name", str, "", "job_info."),
         stage=_get(info, "stage", str, "", "job_info."),
@@ -238,6 +305,7 @@ def parse_job(raw: object) -> GitLabJob:
         dependencies=dependencies,
         mask_prefixes=_strings(features, "token_mask_prefixes", "features."),
         failure_reasons=_strings(features, "failure_reasons", "features."),
-        image=_get(image, "name", str, "", "image."),
-        services=[_get(s, "name", str, "", "services[].") for s in _objects(raw, "services")],
+        image=image.name if image else "", image_use=image, image_notes=notes,
+        credentials=_credentials(raw),
+        services=_services(raw),
         raw=raw)

@@ -3,8 +3,9 @@
 GitLab folds before_script into the ``script`` step and sends ``after_script`` as a step of
 its own (``when: always``, ``allow_failure: true``); a ``release`` or other named step runs
 where GitLab put it. Each step is one bash with ``set -eo pipefail``, each command echoed as
-gitlab-runner does. after_script runs last in a fresh shell, with CI_JOB_STATUS (success,
-failed or canceled) and its own 5 minutes, unless the job was stopped hard.
+gitlab-runner does (in a job's image without bash: sh, core/shell.py). after_script runs
+last in a fresh shell, with CI_JOB_STATUS (success, failed or canceled) and its own 5
+minutes, unless the job was stopped hard.
 
 Cancel is two-level, as GitLab's is: ``canceling`` (graceful) stops the running step and
 still runs after_script; ``canceled``/``failed``/403 (hard) is the lifecycle's own cancel and
@@ -25,7 +26,7 @@ from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.lifecycle import Session
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
 from kata_ci.runner.core.spec import Command
-from kata_ci.runner.gitlab.jobs import job_script, run_after_script
+from kata_ci.runner.gitlab.jobs import run_after_script, script_command
 from kata_ci.runner.gitlab_runner.payload import GitLabJob, Step
 
 FILE_VARS_DIR = "/run/kata-ci/variables"
@@ -122,7 +123,7 @@ class GitLabSteps:
             if not _due(step.when, failed) or \
                     outcome.kind in (OutcomeKind.SYSTEM_FAILURE, OutcomeKind.CANCELLED):
                 continue
-            result = session.run(Command(["bash", "-c", job_script(step.script)]),
+            result = session.run(Command(script_command(session, step.script)),
                                  cancel=self.graceful)
             if result.kind is OutcomeKind.SUCCESS:
                 continue

@@ -178,6 +178,7 @@ class Job:
     retry: bool = False  # may run once more if its worker is lost
     lease_until: float | None = None  # Redis server time; only while running
     source: str = "queue"  # queue (`submit`) | gitlab (`gitlab run`) | github (`github serve`)
+    reason: str = ""  # Outcome.reason of a system failure (image_pull_failure)
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> Job:
@@ -195,7 +196,8 @@ class Job:
                    exit_code=int(code) if code not in (None, "") else None,
                    message=get.get("message", ""), worker=get.get("worker", ""),
                    attempt=int(get.get("attempt", "0")), retry=get.get("retry") == "1",
-                   lease_until=number("lease_until"), source=get.get("source", "queue"))
+                   lease_until=number("lease_until"), source=get.get("source", "queue"),
+                   reason=get.get("reason", ""))
 
 
 def _text(value: bytes | str) -> str:
@@ -318,12 +320,15 @@ class JobStore:
         return bool(self._renew(keys=[self._job(job_id), LEASES], args=[token, ttl, job_id]))
 
     def finish(self, job_id: str, token: str, state: str, exit_code: int | None,
-               message: str) -> bool:
-        """Record the ending; False when the token is stale (someone else owns the job now)."""
+               message: str, reason: str = "") -> bool:
+        """Record the ending; False when the token is stale (someone else owns the job now).
+        ``reason``: a finer class of a system failure (GitLab's image_pull_failure)."""
         assert state in FINAL
         done = bool(self._finish(keys=[self._job(job_id), LEASES], args=[
             token, state, "" if exit_code is None else str(exit_code), message,
             str(time.time()), job_id]))
+        if done and reason:
+            self.r.hset(self._job(job_id), "reason", reason)
         if done:  # a stale worker must not clean up after the job's real owner
             host = self.r.hget(self._job(job_id), "host")
             if host:

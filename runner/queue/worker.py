@@ -174,7 +174,8 @@ class Daemon:
             return
         status = JobStatus.of(outcome)
         code = outcome.exit_code if outcome.ran_to_end else None
-        if not self.store.finish(job_id, token, status.value, code, outcome.message):
+        if not self.store.finish(job_id, token, status.value, code, outcome.message,
+                                 outcome.reason):
             log.warning("job %s: lease lost before the ending could be recorded", job_id)
         log.info("job %s: %s %s", job_id, status.value, outcome.message)
 
@@ -290,7 +291,8 @@ def start_worker(config: Config, labels: list[str], concurrency: int) -> None:
     # Images and acceleration once per worker, not per job: a worker without images refuses
     # to start instead of failing every job it takes.
     provider = open_provider(config.vm.accel, lambda m: log.warning("%s", m),
-                             config.vm.max_file_size, config.vm.start)
+                             config.vm.max_file_size, config.vm.start,
+                             config.images.registries(), config.images.pull_policy)
     # Templates before the first job, so that it starts as fast as the rest.
     try:
         for key in provider.prepare(vm_sizes(config, labels)):

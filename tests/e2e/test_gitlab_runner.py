@@ -236,7 +236,7 @@ def test_the_protocol_edges_409_202_412_and_feature_gating(
     is repeated, one answered 412 makes the whole trace go again."""
     gitlab.conflict_next_commit = True
     taken = gitlab.add_job(["echo should not run"])
-    unsupported = gitlab.add_job(["echo needs a docker image"], requires={"image"})
+    unsupported = gitlab.add_job(["echo needs a terminal"], requires={"terminal"})
     runner()
     wait_until(lambda: any(r.status == 409 for r in gitlab.requests), 60, "the 409")
     ours = gitlab.add_job(["echo payload"])

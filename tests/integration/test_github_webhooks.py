@@ -91,3 +91,20 @@ def test_in_progress_marks_our_runner_busy_and_unassigned_completion_withdraws_d
     endpoint.post(payload("completed", job_id=2, runner_name=None))
     assert endpoint.store.get(second).state == "cancelled"
     assert endpoint.state.pending(endpoint.store, "org:octo-org", "kata-ci") == []
+
+
+def test_jobs_listing_names_the_workflow_job_a_runner_took(endpoint: Endpoint) -> None:
+    """`kata-ci jobs` shows a GitHub runner job as its runner, then, once GitHub gave it a
+    job (in_progress naming it), that job's repository, workflow and name."""
+    from kata_ci.runner.cli.queue import github_line
+
+    endpoint.post(payload(job_id=77))
+    kata_job = endpoint.demand_jobs()[0]
+    name = f"kata-ci-{kata_job}"
+    endpoint.state.add_runner(name, {"name": name, "scope": "org:octo-org",
+                                     "label_set": "kata-ci", "kata_job": kata_job,
+                                     "state": "idle"})
+    assert github_line(endpoint.state, name).endswith("(idle): no job yet")
+    endpoint.post(payload("in_progress", job_id=77, runner_name=name))
+    line = github_line(endpoint.state, name)
+    assert f"{REPO} CodeQL / " in line and "(busy)" in line, line

@@ -284,3 +284,21 @@ def test_leases_are_judged_by_redis_time(store: JobStore) -> None:
     sec, usec = store.r.time()
     until = store.get(job.id).lease_until
     assert until is not None and abs(until - (sec + usec / 1e6 + 10)) < 1
+
+
+def test_an_image_pull_failure_keeps_its_reason_for_gitlab(store: JobStore) -> None:
+    """A job ended by ImagePullFailure is recorded as a system failure with the reason
+    image_pull_failure (what GitLab's final update carries), another system failure without."""
+    from kata_ci.errors import ImagePullFailure, SystemFailure
+    from kata_ci.runner.core.outcome import Outcome
+
+    pulled = Outcome.system_failure(ImagePullFailure("image x not found"))
+    plain = Outcome.system_failure(SystemFailure("VM died"))
+    assert (pulled.reason, plain.reason) == ("image_pull_failure", "")
+    for outcome in (pulled, plain):
+        job = store.create(["true"], "default", 60, None)
+        token = store.claim(job.id, "w", "host", 1)
+        assert token is not None
+        assert store.finish(job.id, token, "system_failure", None, outcome.message,
+                            outcome.reason)
+        assert store.get(job.id).reason == outcome.reason

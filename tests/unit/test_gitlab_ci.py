@@ -54,7 +54,8 @@ def test_implicit_stages_and_global_scripts(tmp_path: Path) -> None:
     assert p.stages == [".pre", "build", "test", "deploy", ".post"]
     assert [j.stage for j in p.jobs] == ["build", "test", "test", "deploy"]
     assert all(j.before_script and j.after_script for j in p.jobs)
-    assert all(j.unsupported == ["image"] for j in p.jobs)
+    assert all(not j.unsupported and j.image and j.image.name == "busybox:latest"
+               for j in p.jobs)
 
 
 def test_multi_level_extends_and_hidden_jobs(tmp_path: Path) -> None:

@@ -160,10 +160,12 @@ def test_failure_reasons_follow_the_runners_compatibility_rule() -> None:
 
 
 def test_announced_features_are_exactly_what_is_implemented() -> None:
-    """Image and services are not announced (GitLab then keeps such jobs from us), the
-    two-phase commit and graceful cancel are."""
+    """Image (with its executor_opts), services (variables, several aliases), the two-phase
+    commit and graceful cancel are announced; interactive sessions are not (GitLab then
+    keeps such jobs from us)."""
     assert FEATURES["two_phase_job_commit"] and FEATURES["cancel_gracefully"]
-    assert not FEATURES["image"] and not FEATURES["services"]
+    assert FEATURES["image"] and FEATURES["image_executor_opts"] and FEATURES["services"]
+    assert FEATURES["service_multiple_aliases"] and not FEATURES["terminal"]
     assert FEATURES["artifacts_exclude"] and FEATURES["return_exit_code"]
 
 
