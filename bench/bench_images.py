@@ -75,7 +75,7 @@ def main() -> None:
         imaged = [job_seconds(provider, workspace, ImageUse(ref, pull_policy="if-not-present"))
                   for _ in range(args.jobs)]
     size = store.pull(by_digest, "never").size_bytes / 2**20
-    print(f"\nOCI images, one run, {args.mib} MiB of layer data ({size:.0f} MiB unpacked), "
+    print(f"\nOCI images, one run, {args.mib} MiB of layer data ({size:.0f} MiB ext4 disk), "
           f"TCG, registry on loopback")
     print(f"{'measure':<58}{'p50':>8}{'max':>8}")
     for label, values in (
