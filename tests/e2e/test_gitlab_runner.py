@@ -25,6 +25,8 @@ from tests.e2e.test_daemon import Worker, wait_until
 from tests.fakes.git_http import make_repo
 from tests.fakes.gitlab import FakeGitLab, FakeJob
 from tests.integration.redis_server import RedisServer
+from tests.oci_images import Entry, File, Symlink, build_image
+from tests.oci_registry import RegistryFixture
 
 SECRET = "s3cr3t-Value-0xC0FFEE"
 
@@ -250,3 +252,38 @@ def test_the_protocol_edges_409_202_412_and_feature_gating(
     assert gitlab.job(unsupported.id).state == "failed"
     assert not any(r.path.endswith(f"/{unsupported.id}") for r in gitlab.requests)
     assert b"should not run" not in gitlab.job(taken.id).trace
+
+
+def test_a_job_with_image_and_service_and_one_whose_image_is_missing(
+        gitlab: FakeGitLab, runner: Callable[[], tuple[Worker, Poller]],
+        oci_registry: RegistryFixture) -> None:
+    """GitLab hands over `image` (entrypoint [""], docker user) and `services` (alias, a
+    port): the script runs in the image as that user, on the fetched sources, and reaches the
+    service by its alias. A job whose image the registry lacks fails before its script, the
+    trace saying why; GitLab (whose failure_reasons list here predates image_pull_failure)
+    gets unknown_failure, as gitlab-runner's compatibility rule says."""
+    web: dict[str, Entry] = {f"bin/{a}": Symlink("/bin/busybox") for a in ("wget", "httpd")}
+    web["www/index.html"] = File(b"served by the service\n")
+    build_image(oci_registry, "kata-ci/gl-web", "1", web,
+                {"Entrypoint": ["/bin/false"], "User": "builder",
+                 "Cmd": ["httpd", "-f", "-p", "8080", "-h", "/www"],
+                 "ExposedPorts": {"8080/tcp": {}}})
+    image = f"{oci_registry.host}/kata-ci/gl-web:1"
+    ours = gitlab.add_job(
+        ["cat hello.txt", "id -u", "wget -qO- http://web:8080/index.html"],
+        image={"name": image, "entrypoint": [""],
+               "executor_opts": {"docker": {"user": "0"}}},
+        services=[{"name": image, "alias": "web", "entrypoint": [""],
+                   "ports": [{"number": 8080}]}])
+    missing = gitlab.add_job(["echo never"],
+                             image={"name": f"{oci_registry.host}/kata-ci/absent:1"})
+    runner()
+    done = gitlab.wait_final(ours.id, 300)
+    trace = bytes(done.trace)
+    assert done.final is not None and done.final["state"] == "success", trace
+    assert b"hello from the repository" in trace and b"served by the service" in trace
+    assert b"\n0\n" in trace.replace(b"\r", b"")
+    failed = gitlab.wait_final(missing.id, 300)
+    assert failed.final is not None and failed.final["state"] == "failed"
+    assert failed.final["failure_reason"] == "unknown_failure"
+    assert b"not found" in failed.trace and b"never" not in failed.trace
