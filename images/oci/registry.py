@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kata_ci.errors import ImagePullFailure
 from kata_ci.images.oci.reference import DOCKER_HUB, Reference
@@ -36,7 +37,8 @@ from kata_ci.images.oci.reference import DOCKER_HUB, Reference
 # platform.machine() -> the OCI architecture name; others are spelled alike (riscv64, s390x).
 ARCHES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
           "armv7l": "arm", "i686": "386", "i386": "386"}
-DOCKER_HUB_ALIASES = {"index.docker.io", "registry-1.docker.io", "docker.io"}
+DOCKER_HUB_ALIASES = {"index.docker.io", "registry-1.docker.io", "docker.io",
+                      "registry.hub.docker.com"}
 DETAIL_CHARS = 300
 
 
@@ -63,8 +65,12 @@ def host_arch() -> str:
 
 
 def normalise_registry(name: str) -> str:
-    """A config.json key (``https://index.docker.io/v1/``, ``quay.io``) as a registry name."""
-    host = re.sub(r"^[a-z]+://", "", name.strip()).split("/", 1)[0]
+    """A registry as an image reference names it: host[:port], lowercase, Docker Hub as
+    ``docker.io``, from a config.json key (``https://index.docker.io/v1/``, ``quay.io``), a
+    GitLab credential's URL or a reference's registry."""
+    text = name.strip()
+    netloc = urlsplit(text).netloc if "://" in text else text.split("/", 1)[0]
+    host = netloc.rpartition("@")[2].lower()
     return DOCKER_HUB if host in DOCKER_HUB_ALIASES else host
 
 

@@ -40,6 +40,14 @@ class ImageUse:
     credentials: tuple[Credentials, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)  # GitHub's container.env
 
+    def user_in(self, image: Image) -> str:
+        """Who runs the commands: the job's override, else the image's User."""
+        return self.user or image.config.user
+
+    def entrypoint_in(self, image: Image) -> tuple[str, ...]:
+        """What prefixes every command: the job's override, else the image's Entrypoint."""
+        return tuple(image.config.entrypoint if self.entrypoint is None else self.entrypoint)
+
     def policy(self, default: str) -> str:
         policy = self.pull_policy or default
         if policy not in POLICIES:
@@ -92,7 +100,7 @@ def workspace_ids(image: Image, use: ImageUse) -> tuple[int, int]:
     (read from its disk, never from a path the job controls): the workspace's owner appears
     to the guest as them, so a non-root image user may write its checkout, as GitLab's
     and GitHub's containers may. A name the image lacks: (0, 0); the guest then says so."""
-    user = use.user or image.config.user
+    user = use.user_in(image)
     if not user:
         return (0, 0)
     try:
@@ -139,11 +147,10 @@ def enter(vm: VM, image: Image, use: ImageUse, hosts: Mapping[str, str],
     """Attach the image to the running VM and make the job's root of it."""
     vm.attach_image(image.disk, 0)
     path = vm.agent.prepare_root(JOB_ROOT, 0, "", hosts, ROOT_TIMEOUT)
-    entrypoint = image.config.entrypoint if use.entrypoint is None else use.entrypoint
-    user = use.user or image.config.user
+    entrypoint, user = use.entrypoint_in(image), use.user_in(image)
     note(f"running in image {use.name} ({image.digest[:19]})"
          + (f" as {user}" if user else "")
          + (f", entrypoint {list(entrypoint)}" if entrypoint else ""))
     if not path:
         raise SystemFailure(f"the agent made no root of image {use.name}")
-    return JobRoot(JOB_ROOT, path, user, tuple(entrypoint))
+    return JobRoot(JOB_ROOT, path, user, entrypoint)

@@ -21,6 +21,7 @@ from types import FrameType
 from kata_ci.errors import SystemFailure, UserError
 from kata_ci.executors.base import VM
 from kata_ci.executors.provider import VMProvider, VMRequest
+from kata_ci.guest.roots import hosts_file
 from kata_ci.images.oci.store import Image
 from kata_ci.runner.core import services
 from kata_ci.runner.core.command import Cancel, CommandRequest, run_command, with_diagnostics
@@ -207,8 +208,8 @@ def _run(spec: JobSpec, vm: VM, sink: LogSink, cancel: Cancel, image: Image | No
         hosts = services.hosts_for(spec.services)
         if image is not None and spec.image is not None:
             root = enter(vm, image, spec.image, hosts, lambda text: note(sink, text))
-        elif hosts:  # kata-ci's own root: the aliases in its /etc/hosts
-            vm.agent.put_files({"/etc/hosts": services.hosts_file(hosts).encode()})
+        elif hosts:  # kata-ci's own root: the aliases in its /etc/hosts, as the roots get
+            vm.agent.put_files({"/etc/hosts": hosts_file(hosts).encode()})
         session = Session(spec, vm, sink, cancel, root, image)
         started = [(use, pulled, services.start(vm, index, use, pulled, session.env, hosts))
                    for index, (use, pulled) in enumerate(

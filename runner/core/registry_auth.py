@@ -14,22 +14,9 @@ import base64
 import binascii
 import json
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 from kata_ci.errors import UserError
-from kata_ci.images.oci.registry import Credentials
-
-DOCKER_HUB = "docker.io"
-HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
-
-
-def registry_host(text: str) -> str:
-    """``https://registry.example.com/``, ``registry.example.com:5000/v2``, Docker Hub's
-    ``https://index.docker.io/v1/``: the registry as a reference names it."""
-    text = text.strip()
-    netloc = urlsplit(text).netloc if "://" in text else text.split("/", 1)[0]
-    host = netloc.rpartition("@")[2].lower()
-    return DOCKER_HUB if host in HUB_ALIASES else host
+from kata_ci.images.oci.registry import Credentials, normalise_registry
 
 
 def docker_auths(text: str, source: str) -> tuple[list[Credentials], list[str]]:
@@ -56,7 +43,7 @@ def docker_auths(text: str, source: str) -> tuple[list[Credentials], list[str]]:
             raise UserError(f"{where} must be an object")
         user, password = _entry(entry, where)
         if user:
-            found.append(Credentials(registry=registry_host(registry), username=user,
+            found.append(Credentials(registry=normalise_registry(registry), username=user,
                                      password=password))
         elif entry.get("identitytoken") or entry.get("registrytoken"):
             notes.append(f"{where}: identity and registry tokens are not supported: ignored")

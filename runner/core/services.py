@@ -60,22 +60,12 @@ def hosts_for(services: tuple[ServiceUse, ...]) -> dict[str, str]:
     return {alias: LOCALHOST for service in services for alias in service.aliases}
 
 
-def hosts_file(hosts: Mapping[str, str]) -> str:
-    """kata-ci's own root's /etc/hosts with the services' aliases (the image roots get
-    theirs from the agent, guest/roots.py)."""
-    from kata_ci.guest.roots import hosts_file as guest_hosts
-
-    return guest_hosts(dict(hosts))
-
-
 class Running:
     """A started service: its output kept (bounded) by a thread reading its stream."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self) -> None:
         self.output = bytearray()
-        self.ended = threading.Event()
-        self.exit = ""
+        self.exit = ""  # why it ended, once it has
 
     def keep(self, data: bytes) -> None:
         self.output.extend(data)
@@ -92,18 +82,16 @@ def start(vm: VM, index: int, service: ServiceUse, image: Image, job_env: Mappin
     vm.attach_image(image.disk, index)
     vm.agent.prepare_root(name, index, "", hosts, ROOT_TIMEOUT)
     config = image.config
-    entrypoint = config.entrypoint if service.image.entrypoint is None \
-        else service.image.entrypoint
     command = config.cmd if service.command is None else service.command
-    argv = [*entrypoint, *command]
+    argv = [*service.image.entrypoint_in(image), *command]
     if not argv:
         raise SystemFailure(f"service {service.image.name} has neither an entrypoint nor a "
                             "command to run")
     # GitLab passes the job's variables to services, the service's own over them.
     env = image_env(image, {**job_env, **service.variables}, service.image)
     stream = vm.agent.exec(argv, env, config.working_dir or "/", root=name,
-                           user=service.image.user or config.user)
-    running = Running(service.image.name)
+                           user=service.image.user_in(image))
+    running = Running()
 
     def pump() -> None:
         try:
@@ -113,8 +101,6 @@ def start(vm: VM, index: int, service: ServiceUse, image: Image, job_env: Mappin
                 running.exit = stream.exit.error or f"exited with status {stream.exit.exit_code}"
         except SystemFailure as exc:  # the VM went away under it: the job has ended
             running.exit = str(exc)
-        finally:
-            running.ended.set()
 
     threading.Thread(target=pump, name=f"kata-ci-service-{index}", daemon=True).start()
     return running

@@ -15,9 +15,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from kata_ci.errors import UserError
-from kata_ci.images.oci.registry import Credentials
+from kata_ci.images.oci.registry import Credentials, normalise_registry
 from kata_ci.runner.core.images import POLICIES, ImageUse
-from kata_ci.runner.core.registry_auth import registry_host
 from kata_ci.runner.core.services import ServiceUse, gitlab_aliases
 from kata_ci.runner.gitlab.image import entrypoint_of, platform_notes, policy_notes
 
@@ -232,7 +231,7 @@ def _credentials(raw: dict[str, Any]) -> list[Credentials]:
         url = _get(item, "url", str, "", "credentials[].")
         user = _get(item, "username", str, "", "credentials[].")
         if url.strip() and user:
-            found.append(Credentials(registry=registry_host(url), username=user,
+            found.append(Credentials(registry=normalise_registry(url), username=user,
                                      password=_get(item, "password", str, "",
                                                    "credentials[].")))
     return found

@@ -131,26 +131,29 @@ def test_gitlab_job_in_an_image_with_a_service(tmp_path: Path, cli_env: dict[str
     assert (tmp_path / "got.txt").read_text() == "served\n"
 
 
+def run_build_job(workspace: Path, env: dict[str, str], job_body: str) -> None:
+    """Write a workflow whose job `build` (runs-on ubuntu-latest) has ``job_body``, run the
+    job with `kata-ci run`, and require it to succeed."""
+    workflows = workspace / ".github" / "workflows"
+    workflows.mkdir(parents=True)
+    (workflows / "ci.yml").write_text(
+        "on: push\njobs:\n  build:\n    runs-on: ubuntu-latest\n" + job_body)
+    result = kata_ci_run(["--workflow", ".github/workflows/ci.yml", "build"], env, workspace,
+                         timeout=600)
+    assert result.returncode == 0, result.stderr
+
+
 def test_github_container_job(tmp_path: Path, cli_env: dict[str, str],
                               images: dict[str, str]) -> None:
     """A workflow job with `runs-on` and `container:` (act's usual combination): its steps run
     in the container's image with its env, the image's entrypoint unused, sh as the shell."""
-    workflows = tmp_path / ".github" / "workflows"
-    workflows.mkdir(parents=True)
-    (workflows / "ci.yml").write_text(
-        "on: push\n"
-        "jobs:\n"
-        "  build:\n"
-        "    runs-on: ubuntu-latest\n"
+    run_build_job(tmp_path, cli_env, (
         "    container:\n"
         f"      image: {images['entry']}\n"
         "      env: {FROM_CONTAINER: present}\n"
         "    steps:\n"
         "      - run: cat /etc/image-release 2>/dev/null || echo no-release; "
-        "echo $FROM_CONTAINER $GREETING > step.txt\n")
-    result = kata_ci_run(["--workflow", ".github/workflows/ci.yml", "build"], cli_env,
-                         tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr
+        "echo $FROM_CONTAINER $GREETING > step.txt\n"))
     assert (tmp_path / "step.txt").read_text() == "present from-image\n"
 
 
@@ -158,19 +161,10 @@ def test_github_job_with_a_service(tmp_path: Path, cli_env: dict[str, str],
                                    images: dict[str, str]) -> None:
     """A workflow job (no container) with `services:`: the service runs its image's own
     command in the job's VM and answers at its id as hostname from the job's steps."""
-    workflows = tmp_path / ".github" / "workflows"
-    workflows.mkdir(parents=True)
-    (workflows / "ci.yml").write_text(
-        "on: push\n"
-        "jobs:\n"
-        "  build:\n"
-        "    runs-on: ubuntu-latest\n"
+    run_build_job(tmp_path, cli_env, (
         "    services:\n"
         "      web:\n"
         f"        image: {images['web']}\n"
         "    steps:\n"
-        "      - run: curl -s http://web:8080/index.html > got.txt\n")
-    result = kata_ci_run(["--workflow", ".github/workflows/ci.yml", "build"], cli_env,
-                         tmp_path, timeout=600)
-    assert result.returncode == 0, result.stderr
+        "      - run: curl -s http://web:8080/index.html > got.txt\n"))
     assert (tmp_path / "got.txt").read_text() == "served\n"

@@ -16,12 +16,12 @@ from typing import Any, cast
 import pytest
 
 from kata_ci.errors import UserError
-from kata_ci.images.oci.registry import Credentials
+from kata_ci.images.oci.registry import Credentials, normalise_registry
 from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.images import ImageUse
 from kata_ci.runner.core.lifecycle import Session
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
-from kata_ci.runner.core.registry_auth import docker_auths, registry_host
+from kata_ci.runner.core.registry_auth import docker_auths
 from kata_ci.runner.core.secrets import GITLAB_MASK, Masker, MaskingSink
 from kata_ci.runner.core.shell import DETECT, DETECT_FILE, file_argv, script_argv
 from kata_ci.runner.core.sinks import Stream
@@ -275,9 +275,10 @@ def test_payload_malformed_docker_auth_config_fails_the_job_clearly(value: str,
 
 def test_registry_names_as_references_name_them() -> None:
     """URLs, ports and Docker Hub's names become what an image reference calls the registry."""
-    assert registry_host("http://registry.gitlab.example.com/") == "registry.gitlab.example.com"
-    assert registry_host("Registry.Example.com:5000/v2/") == "registry.example.com:5000"
-    assert registry_host("https://index.docker.io/v1/") == "docker.io"
+    assert normalise_registry("http://registry.gitlab.example.com/") == \
+        "registry.gitlab.example.com"
+    assert normalise_registry("Registry.Example.com:5000/v2/") == "registry.example.com:5000"
+    assert normalise_registry("https://index.docker.io/v1/") == "docker.io"
     creds, notes = docker_auths('{"auths": {}, "credsStore": "desktop"}', "X")
     assert creds == [] and notes and "credential helpers" in notes[0]
 
