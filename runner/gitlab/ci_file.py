@@ -8,7 +8,6 @@ Every error names the file, the line and the job, before any VM starts.
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import re
 from collections.abc import Mapping, Sequence
@@ -16,47 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kata_ci.errors import UserError
-from kata_ci.runner.core import beneath
 from kata_ci.runner.core.images import ImageUse
 from kata_ci.runner.core.schedule import find_cycle
 from kata_ci.runner.core.secrets import secret_problem
 from kata_ci.runner.core.services import ServiceUse
-from kata_ci.runner.gitlab.expr import evaluate
 from kata_ci.runner.gitlab.image import parse_image, parse_services
+from kata_ci.runner.gitlab.keywords import DEFAULT_STAGES
+from kata_ci.runner.gitlab.merge import apply_default, merged_jobs, references
+from kata_ci.runner.gitlab.rules import decide
+from kata_ci.runner.gitlab.source import CIError
 
-JOB_KEYS = {
-    "after_script", "allow_failure", "artifacts", "before_script", "cache", "coverage",
-    "dependencies", "environment", "extends", "hooks", "id_tokens", "identity", "image",
-    "inherit", "interruptible", "manual_confirmation", "needs", "only", "except", "pages",
-    "parallel", "release", "resource_group", "retry", "rules", "script", "secrets", "services",
-    "stage", "tags", "timeout", "trigger", "variables", "when", "start_in", "run",
-    "dast_configuration",
-}
-GLOBAL_KEYS = {"default", "include", "stages", "variables", "workflow", "image", "services",
-               "cache", "before_script", "after_script", "spec"}
-DEFAULT_KEYS = {"after_script", "artifacts", "before_script", "cache", "hooks", "id_tokens",
-                "image", "interruptible", "retry", "services", "tags", "timeout"}
-DEFAULT_STAGES = [".pre", "build", "test", "deploy", ".post"]
-WHENS = {"on_success", "on_failure", "always", "manual", "never", "delayed"}
-
-
-class Reference(list[str]):
-    """A `!reference [job, key, ...]` not yet resolved."""
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_Loader.add_constructor("!reference", lambda loader, node: Reference(
-    loader.construct_sequence(node)))  # type: ignore[arg-type]
-
-
-class CIError(UserError):
-    pass
+__all__ = ["CIError", "CIJob", "Pipeline", "load", "merged_jobs", "parse_duration"]
 
 
 @dataclass
@@ -101,66 +71,6 @@ class Pipeline:
             else [self.job(name)]
 
 
-def _load_yaml(path: Path, project: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """``path`` read beneath ``project`` when it lies in it: a job may have made it a link
-    to a host file (refused, the content never shown)."""
-    text = beneath.read_named(project, path)
-    try:
-        data = yaml.load(text, Loader=_Loader)
-        node = yaml.compose(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise CIError(f"{path}: invalid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise CIError(f"{path}: the top level must be a mapping of jobs and keywords")
-    lines = {}
-    if isinstance(node, yaml.MappingNode):
-        lines = {k.value: k.start_mark.line + 1 for k, _ in node.value
-                 if isinstance(k, yaml.ScalarNode)}
-    return data, lines
-
-
-def deep_merge(base: Any, override: Any) -> Any:
-    """GitLab's extends merge: hashes merge key by key, anything else is replaced."""
-    if isinstance(base, dict) and isinstance(override, dict):
-        merged = dict(base)
-        for key, value in override.items():
-            merged[key] = deep_merge(base.get(key), value) if key in base else value
-        return merged
-    return override
-
-
-@dataclass
-class _Resolved:
-    data: dict[str, Any]
-    lines: dict[str, int]
-    jobs: dict[str, dict[str, Any]]  # after extends and !reference, hidden ones included
-
-    def where(self, name: str) -> str:
-        return f"{self.path}:{self.lines.get(name, 0)}"
-
-    path: Path = Path()
-
-
-def merged_jobs(path: Path, project: Path) -> _Resolved:
-    """Jobs as GitLab sees them after include, extends and !reference (before default)."""
-    data, lines = _load_yaml(path, project)
-    data = _with_includes(data, path, project, lines)
-    def where(name: str) -> str:
-        return f"{path}:{lines.get(name, 0)}"
-
-    raw_jobs = {k: v for k, v in data.items() if k not in GLOBAL_KEYS}
-    for name, body in raw_jobs.items():
-        if not isinstance(body, dict):
-            raise CIError(f"{where(name)}: job {name!r} must be a mapping")
-        unknown = set(body) - JOB_KEYS
-        if unknown:
-            raise CIError(f"{where(name)}: job {name!r} config contains unknown keys: "
-                          f"{', '.join(sorted(unknown))}")
-    resolved = {n: _extends(n, raw_jobs, where, []) for n in raw_jobs}
-    resolved = {n: _references(body, resolved, where(n), n) for n, body in resolved.items()}
-    return _Resolved(data=data, lines=lines, jobs=resolved, path=path)
-
-
 def load(path: Path, project: Path, variables: Mapping[str, str],
          changed: Sequence[str] | None = None) -> Pipeline:
     """Parse and resolve ``path``; ``variables`` are the predefined + user ones for rules,
@@ -172,7 +82,7 @@ def load(path: Path, project: Path, variables: Mapping[str, str],
     if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
         raise CIError(f"{where('stages')}: stages must be a list of names")
     stages = [".pre", *[s for s in stages if s not in (".pre", ".post")], ".post"]
-    default = _references(data.get("default", {}) or {}, resolved, where("default"), "default")
+    default = references(data.get("default", {}) or {}, resolved, where("default"), "default")
     for key in ("image", "services", "cache", "before_script", "after_script"):
         if key in data and key not in default:  # deprecated global forms of default:
             default[key] = data[key]
@@ -182,7 +92,7 @@ def load(path: Path, project: Path, variables: Mapping[str, str],
     for name, body in resolved.items():
         if name.startswith("."):
             continue  # hidden job: a template only
-        body = _apply_default(body, default)
+        body = apply_default(body, default)
         own = body.get("variables", {})
         job_vars = {**global_vars, **_variables(own, where(name))}
         masked = (global_masked - set(own)) | _masked(own, where(name))
@@ -195,68 +105,6 @@ def load(path: Path, project: Path, variables: Mapping[str, str],
             jobs.append(job)
     _check_needs(jobs, path, lines)
     return Pipeline(path=path, stages=stages, jobs=jobs)
-
-
-def _with_includes(data: dict[str, Any], path: Path, project: Path,
-                   lines: dict[str, int]) -> dict[str, Any]:
-    includes = data.pop("include", None)
-    if includes is None:
-        return data
-    merged: dict[str, Any] = {}
-    for item in includes if isinstance(includes, list) else [includes]:
-        spec = {"local": item} if isinstance(item, str) and not item.startswith("http") else item
-        if isinstance(item, str) and item.startswith("http"):
-            spec = {"remote": item}
-        if not isinstance(spec, dict) or "local" not in spec:
-            kind = next(iter(spec), "?") if isinstance(spec, dict) else "?"
-            raise CIError(f"{path}:{lines.get('include', 0)}: include: {kind} {spec!r} cannot "
-                          "be fetched here (kata-ci runs without network access); vendor the "
-                          "file into the repository and use include: local")
-        for rel in beneath.glob(project, str(spec["local"])):
-            target = project / rel
-            sub, _ = _load_yaml(target, project)
-            merged = deep_merge(merged, _with_includes(sub, target, project, {}))
-    result: dict[str, Any] = deep_merge(merged, data)  # the including file wins
-    return result
-
-
-def _extends(name: str, jobs: dict[str, Any], where: Any, chain: list[str]) -> dict[str, Any]:
-    if name in chain:
-        raise CIError(f"{where(chain[0])}: job {chain[0]!r}: circular extends: "
-                      f"{' -> '.join([*chain, name])}")
-    if len(chain) > 10:
-        raise CIError(f"{where(chain[0])}: job {chain[0]!r}: extends nests deeper than 11")
-    body = jobs[name]
-    parents = body.get("extends", [])
-    merged: dict[str, Any] = {}
-    for parent in [parents] if isinstance(parents, str) else parents:
-        if parent not in jobs:
-            raise CIError(f"{where(name)}: job {name!r} extends unknown job {parent!r}")
-        merged = deep_merge(merged, _extends(parent, jobs, where, [*chain, name]))
-    own = {k: v for k, v in body.items() if k != "extends"}
-    result: dict[str, Any] = deep_merge(merged, own)
-    return result
-
-
-def _references(value: Any, jobs: dict[str, Any], where: str, name: str) -> Any:
-    if isinstance(value, Reference):
-        target: Any = jobs
-        for key in value:
-            if not isinstance(target, dict) or key not in target:
-                raise CIError(f"{where}: job {name!r}: !reference {list(value)} not found")
-            target = target[key]
-        return _references(target, jobs, where, name)
-    if isinstance(value, dict):
-        return {k: _references(v, jobs, where, name) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_references(v, jobs, where, name) for v in value]
-    return value
-
-
-def _apply_default(body: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
-    inherit = body.get("inherit", {}).get("default", True)
-    keys = DEFAULT_KEYS if inherit is True else set(inherit or []) & DEFAULT_KEYS
-    return {**{k: v for k, v in default.items() if k in keys}, **body}
 
 
 def _variables(raw: Any, where: str) -> dict[str, str]:
@@ -338,7 +186,7 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
         env = {**predefined, **job_vars, **extra, "CI_JOB_NAME": job_name, "CI_JOB_STAGE": stage}
         if parallel and "CI_NODE_INDEX" not in extra:
             env.update(CI_NODE_INDEX=str(index), CI_NODE_TOTAL=str(len(variants)))
-        when, allow = _decide(body, env, where, name, project, changed)
+        when, allow = decide(body, env, where, name, project, changed)
         if when == "never":
             continue
         allow_failure = body.get("allow_failure", False)
@@ -364,62 +212,6 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
             line=int(where.rsplit(":", 1)[1]), image=image, services=services,
             notes=list(notes)))
     return jobs
-
-
-def _decide(body: dict[str, Any], env: Mapping[str, str], where: str, name: str,
-            project: Path, changed: Sequence[str] | None) -> tuple[str, bool | None]:
-    """(when, allow_failure override) from rules, or from only/except, or from `when`."""
-    when = body.get("when", "on_success")
-    if when not in WHENS:
-        raise CIError(f"{where}: job {name!r}: unknown when: {when!r}")
-    if "rules" in body:
-        for rule in body["rules"]:
-            if "if" in rule and not evaluate(str(rule["if"]), env):
-                continue
-            if "exists" in rule and not _exists(rule["exists"], project):
-                continue
-            if "changes" in rule and not _changes(rule["changes"], changed):
-                continue
-            return rule.get("when", when), rule.get("allow_failure")
-        return "never", None
-    ref = env.get("CI_COMMIT_REF_NAME", "")
-    is_tag = bool(env.get("CI_COMMIT_TAG"))
-    if "only" in body and not _refs_match(body["only"], ref, is_tag, env):
-        return "never", None
-    if "except" in body and _refs_match(body["except"], ref, is_tag, env):
-        return "never", None
-    return when, None
-
-
-def _refs_match(spec: Any, ref: str, is_tag: bool, env: Mapping[str, str]) -> bool:
-    refs = spec.get("refs", []) if isinstance(spec, dict) else spec
-    for item in [refs] if isinstance(refs, str) else refs:
-        if (item in ("branches", "pushes") and not is_tag) or (item == "tags" and is_tag):
-            return True
-        if item == env.get("CI_PIPELINE_SOURCE"):
-            return True
-        match = re.fullmatch(r"/(.*)/([a-z]*)", item)
-        if match and re.search(match.group(1), ref):
-            return True
-        if item == ref:
-            return True
-    return False
-
-
-def _exists(patterns: Any, project: Path) -> bool:
-    items = patterns.get("paths", []) if isinstance(patterns, dict) else patterns
-    return any(beneath.glob(project, str(p)) for p in items)
-
-
-def _changes(patterns: Any, changed: Sequence[str] | None) -> bool:
-    """Locally there is no push: the files that differ between the working tree and HEAD~1,
-    as the run's RepoSnapshot read them (git never runs here: jobs may have rewritten .git
-    by now). Outside git (or on the first commit) every file counts as changed, as GitLab
-    does for a new branch."""
-    items = patterns.get("paths", []) if isinstance(patterns, dict) else patterns
-    if changed is None:
-        return True
-    return any(fnmatch.fnmatch(f, str(p)) for f in changed for p in items)
 
 
 def parse_duration(value: Any, where: str) -> float | None:
