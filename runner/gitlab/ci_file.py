@@ -22,7 +22,7 @@ from kata_ci.runner.core.secrets import secret_problem
 from kata_ci.runner.core.services import ServiceUse
 from kata_ci.runner.gitlab.image import parse_image, parse_services
 from kata_ci.runner.gitlab.keywords import DEFAULT_STAGES
-from kata_ci.runner.gitlab.merge import apply_default, merged_jobs, references
+from kata_ci.runner.gitlab.merge import merged_jobs, resolve
 from kata_ci.runner.gitlab.rules import decide
 from kata_ci.runner.gitlab.source import CIError
 
@@ -76,23 +76,16 @@ def load(path: Path, project: Path, variables: Mapping[str, str],
     """Parse and resolve ``path``; ``variables`` are the predefined + user ones for rules,
     ``changed`` the files `rules: changes` sees (the run's RepoSnapshot.changed, read once
     before any job; None: unknown, every file counts as changed)."""
-    merged = merged_jobs(path, project)
-    data, lines, resolved, where = merged.data, merged.lines, merged.jobs, merged.where
+    merged = resolve(path, project, variables)
+    data, lines, where = merged.data, merged.lines, merged.where
     stages = data.get("stages") or DEFAULT_STAGES
     if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
         raise CIError(f"{where('stages')}: stages must be a list of names")
     stages = [".pre", *[s for s in stages if s not in (".pre", ".post")], ".post"]
-    default = references(data.get("default", {}) or {}, resolved, where("default"), "default")
-    for key in ("image", "services", "cache", "before_script", "after_script"):
-        if key in data and key not in default:  # deprecated global forms of default:
-            default[key] = data[key]
     global_vars = _variables(data.get("variables", {}), where("variables"))
     global_masked = _masked(data.get("variables", {}), where("variables"))
     jobs: list[CIJob] = []
-    for name, body in resolved.items():
-        if name.startswith("."):
-            continue  # hidden job: a template only
-        body = apply_default(body, default)
+    for name, body in merged.jobs.items():
         own = body.get("variables", {})
         job_vars = {**global_vars, **_variables(own, where(name))}
         masked = (global_masked - set(own)) | _masked(own, where(name))

@@ -3,6 +3,7 @@ arrays replaced), then `!reference`, then `default:` (unless `inherit:default`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,18 +13,22 @@ from kata_ci.runner.gitlab.source import CIError, Reference, deep_merge, load_ya
 
 
 @dataclass
-class _Resolved:
-    data: dict[str, Any]
-    lines: dict[str, int]
-    jobs: dict[str, dict[str, Any]]  # after extends and !reference, hidden ones included
+class Resolved:
+    """A pipeline file as GitLab's merged view shows it: includes merged, `extends` and
+    `!reference` resolved, `default:` (and the deprecated global forms) applied to each job.
+    What happens per job after this (rules, parallel, needs) is ci_file.py's."""
+
+    path: Path
+    data: dict[str, Any]  # the top-level keywords (stages, variables, workflow, default...)
+    lines: dict[str, int]  # top-level key -> line in ``path``
+    jobs: dict[str, dict[str, Any]]  # visible jobs in file order, default: applied
+    templates: dict[str, dict[str, Any]]  # every job and hidden key after extends/!reference
 
     def where(self, name: str) -> str:
         return f"{self.path}:{self.lines.get(name, 0)}"
 
-    path: Path = Path()
 
-
-def merged_jobs(path: Path, project: Path) -> _Resolved:
+def merged_jobs(path: Path, project: Path) -> Resolved:
     """Jobs as GitLab sees them after include, extends and !reference (before default)."""
     data, lines = load_yaml(path, project)
     data = with_includes(data, path, project, lines)
@@ -40,7 +45,24 @@ def merged_jobs(path: Path, project: Path) -> _Resolved:
                           f"{', '.join(sorted(unknown))}")
     resolved = {n: _extends(n, raw_jobs, where, []) for n in raw_jobs}
     resolved = {n: references(body, resolved, where(n), n) for n, body in resolved.items()}
-    return _Resolved(data=data, lines=lines, jobs=resolved, path=path)
+    return Resolved(path=path, data=data, lines=lines, jobs=resolved, templates=resolved)
+
+
+def resolve(path: Path, project: Path, variables: Mapping[str, str]) -> Resolved:
+    """The whole merged configuration; ``variables`` (predefined + user) are those
+    `include` paths may use."""
+    del variables  # include paths with variables: not yet
+    merged = merged_jobs(path, project)
+    data, templates = merged.data, merged.templates
+    default = references(data.get("default", {}) or {}, templates, merged.where("default"),
+                         "default")
+    for key in ("image", "services", "cache", "before_script", "after_script"):
+        if key in data and key not in default:  # deprecated global forms of default:
+            default[key] = data[key]
+    data = {**data, "default": default}
+    jobs = {name: apply_default(body, default) for name, body in templates.items()
+            if not name.startswith(".")}
+    return Resolved(path=path, data=data, lines=merged.lines, jobs=jobs, templates=templates)
 
 
 def _extends(name: str, jobs: dict[str, Any], where: Any, chain: list[str]) -> dict[str, Any]:
