@@ -95,6 +95,9 @@ class _RunCommand(click.Command):
               help="A GitHub workflow file (default: all of .github/workflows).")
 @click.option("--pipeline", is_flag=True, help="Run the whole pipeline (not manual jobs).")
 @click.option("--only", is_flag=True, help="Run the named jobs without the jobs they need.")
+@click.option("--manual", "manual_items", multiple=True, metavar="JOB",
+              help="Trigger this GitLab manual job in the run (as its play button would); "
+                   "repeatable. A job named as JOB runs even if manual.")
 @click.option("-j", "--jobs", "parallel", type=click.IntRange(1, 64), default=1,
               show_default=True, help="VMs at once.")
 @click.option("--var", "var_items", multiple=True, metavar="NAME=VALUE",
@@ -119,8 +122,8 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
         network: str | None, allow_items: tuple[str, ...], env_items: tuple[str, ...],
         secret_items: tuple[str, ...], config_path: Path | None,
         gitlab_ci: Path | None,
-        workflow: Path | None, pipeline: bool, only: bool, parallel: int,
-        var_items: tuple[str, ...],
+        workflow: Path | None, pipeline: bool, only: bool, manual_items: tuple[str, ...],
+        parallel: int, var_items: tuple[str, ...],
         env_file: Path | None, event: str, image: str | None, image_user: str | None,
         entrypoint: str | None, pull_policy: str | None, command: tuple[str, ...]) -> None:
     """Run CI jobs or a command, each in a fresh microVM over the workspace.
@@ -161,7 +164,7 @@ def run(ctx: click.Context, workspace: Path, vcpus: int | None, memory_mib: int 
                             "(CI jobs name their image in the CI file)")
         if not ctx.meta.get("raw_command"):
             sys.exit(_run_ci(root, cfg, settings, gitlab_ci, workflow, list(command), pipeline,
-                             only, parallel, var_items, env_file, event))
+                             only, parallel, var_items, env_file, event, manual_items))
         if not command:
             raise UserError("no command after --")
         outcome = _run_command(root, cfg, settings, command, use)
@@ -225,7 +228,7 @@ def _run_command(root: Path, cfg: config_mod.Config, settings: RunSettings,
 def _run_ci(root: Path, cfg: config_mod.Config, settings: RunSettings, gitlab_ci: Path | None,
             workflow: Path | None, names: list[str], pipeline: bool, only: bool,
             parallel: int, var_items: tuple[str, ...], env_file: Path | None,
-            event: str) -> int:
+            event: str, manual: tuple[str, ...] = ()) -> int:
     from kata_ci.executors.provider import open_provider
     from kata_ci.runner.cli.ci import choose, discover, list_jobs, plan_for, run_selected
     from kata_ci.runner.core.env import parse_vars
@@ -243,7 +246,7 @@ def _run_ci(root: Path, cfg: config_mod.Config, settings: RunSettings, gitlab_ci
             return 0
         target = choose(found, names, pipeline)
         cancel = Cancel()
-        plan = plan_for(found, target, names, only, root, user, settings, cancel)
+        plan = plan_for(found, target, names, only, root, user, settings, cancel, manual)
         provider = open_provider(cfg.vm.accel, _notify, cfg.vm.max_file_size, cfg.vm.start,
                              cfg.images.registries(), cfg.images.pull_policy)
         with terminate_as_interrupt():
@@ -349,3 +352,7 @@ from kata_ci.runner.cli.oci import oci_list, oci_prune, oci_pull  # noqa: E402
 
 for _command in (oci_pull, oci_list, oci_prune):
     images.add_command(_command)
+
+from kata_ci.runner.cli.ci_config import ci  # noqa: E402
+
+main.add_command(ci)

@@ -4,6 +4,7 @@ workflows), each in a fresh VM, with prefixed live output and a summary table.""
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from kata_ci.runner.core.schedule import JobResult
 from kata_ci.runner.core.sinks import PrefixedOutput, Stream, TerminalSink
 from kata_ci.runner.core.spec import RunSettings
 from kata_ci.runner.github import jobs as gh
+from kata_ci.runner.github.expr import render
 from kata_ci.runner.github.steps import RunContext
 from kata_ci.runner.github.workflow import Workflow, load_workflow
 from kata_ci.runner.gitlab import jobs as gl
@@ -79,6 +81,8 @@ def discover(workspace: Path, gitlab_ci: Path | None, workflow: Path | None,
     else:
         paths = []
     workflows = [load_workflow(p, workspace) for p in paths]
+    if gitlab is not None and gitlab.empty and not workflows:
+        raise UserError(f"{gitlab.path}: {gitlab.empty}")
     if gitlab is None and not workflows:
         raise UserError(f"no CI file in {workspace} (.gitlab-ci.yml or .github/workflows); "
                         "to run a command, use kata-ci run -- COMMAND")
@@ -86,14 +90,21 @@ def discover(workspace: Path, gitlab_ci: Path | None, workflow: Path | None,
 
 
 def list_jobs(found: Found, console: Console) -> None:
-    if found.gitlab is not None:
+    if found.gitlab is not None and found.gitlab.empty:
+        console.print(f"{escape(str(found.gitlab.path))}: {found.gitlab.empty}")
+    elif found.gitlab is not None:
         table = Table("job", "stage", "when", "needs", "allow failure",
-                      title=str(found.gitlab.path))
+                      title=escape(" ".join(filter(None, [str(found.gitlab.path),
+                                                          found.gitlab.name]))))
         for job in found.gitlab.jobs:
             needs = "(earlier stages)" if job.needs is None else ", ".join(job.needs) or "-"
-            table.add_row(escape(job.name), job.stage, job.when, escape(needs),
+            when = job.when + (" (--manual to run)" if job.when == "manual" else "")
+            table.add_row(escape(job.name), job.stage, when, escape(needs),
                           "yes" if job.allow_failure else "")
         console.print(table)
+        for job in found.gitlab.jobs:
+            for note in job.notes:
+                console.print(f"[yellow]{escape(job.name)}:[/] {escape(note)}")
     for workflow in found.workflows:
         runs = found.event in workflow.events
         title = f"{workflow.path} (on: {', '.join(workflow.events)})" + (
@@ -113,13 +124,16 @@ def choose(found: Found, names: list[str], pipeline: bool) -> Pipeline | Workflo
     if pipeline:
         options: list[Pipeline | Workflow] = [*([found.gitlab] if found.gitlab else []),
                                               *triggered]
+        if len(options) == 1 and isinstance(options[0], Pipeline) and options[0].empty:
+            raise UserError(f"{options[0].path}: {options[0].empty}")
         if len(options) != 1:
             what = ", ".join(str(o.path) for o in options) or "nothing"
             raise UserError(f"--pipeline needs one CI file, found: {what}; "
                             "pick one with --gitlab-ci or --workflow")
         return options[0]
     holders: list[Pipeline | Workflow] = []
-    if found.gitlab is not None and all(_has_gitlab(found.gitlab, n) for n in names):
+    if found.gitlab is not None and found.gitlab.jobs and \
+            all(_has_gitlab(found.gitlab, n) for n in names):
         holders.append(found.gitlab)
     holders += [w for w in triggered
                 if all(any(n in (j.key, j.name) for j in w.jobs) for n in names)]
@@ -144,14 +158,19 @@ def _has_gitlab(pipeline: Pipeline, name: str) -> bool:
 
 def plan_for(found: Found, target: Pipeline | Workflow, names: list[str], only: bool,
              workspace: Path, user: Mapping[str, str], settings: RunSettings,
-             cancel: Cancel) -> Plan[Any]:
+             cancel: Cancel, manual: Sequence[str] = ()) -> Plan[Any]:
     """The chosen jobs of a GitLab pipeline or a GitHub workflow, ready to run."""
     if isinstance(target, Pipeline):
-        return gl.GitLabPlan(target, gl.select(target, names, only), workspace,
+        return gl.GitLabPlan(target, gl.select(target, names, only, manual), workspace,
                              found.predefined, user, settings)
+    if manual:
+        raise UserError("--manual is for GitLab's manual jobs; GitHub workflows have none")
     # --var / --env-file: like workflow-level env, winning over the file's.
-    workflow = dataclasses.replace(target, env={**target.env, **user})
-    github = gh.github_context(found.predefined, found.event, workflow, workspace)
+    github = gh.github_context(found.predefined, found.event, target, workspace)
+    # workflow-level env may use the github, secrets, vars and inputs contexts
+    early = {"github": github, "secrets": dict(settings.secrets), "vars": {}, "inputs": {}}
+    env = {name: render(value, early) for name, value in target.env.items()}
+    workflow = dataclasses.replace(target, env={**env, **user})
     rc = RunContext(workflow, workspace, github, {}, cancel, settings.secrets)
     return gh.GitHubPlan(workflow, gh.select(workflow, names, only), rc, settings)
 
@@ -187,3 +206,11 @@ def summary(results: Sequence[JobResult], group: Mapping[str, str], console: Con
                       f"{result.duration:.1f}s" if result.duration else "",
                       "" if result.status is JobStatus.SUCCESS else escape(result.message))
     console.print(table)
+    annotations = [(r.name, a) for r in results for a in r.annotations]
+    if annotations:
+        console.print("Annotations")
+        for name, text in annotations:  # the job wrote them: no control characters here
+            shown = re.sub(r"[\x00-\x1f\x7f-\x9f]", "?", text)
+            style = "red" if shown.startswith("Error") else "yellow" \
+                if shown.startswith("Warning") else "cyan"
+            console.print(f"  [{style}]{escape(name)}: {escape(shown)}[/]", soft_wrap=True)

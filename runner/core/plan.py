@@ -60,4 +60,5 @@ def run_plan(plan: Plan[J], provider: VMProvider, output: PrefixedOutput, parall
             output.flush(job.name)
         return plan.result(job, outcome, time.monotonic() - started)
 
-    return run_dag(plan.jobs, plan.after, plan.decide, run, parallel, cancel)
+    return run_dag(plan.jobs, plan.after, plan.decide, run, parallel, cancel,
+                   getattr(plan, "expand", None))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.outcome import JobStatus
@@ -25,6 +25,7 @@ class JobResult:
     exit_code: int | None = None
     message: str = ""
     outputs: dict[str, str] = field(default_factory=dict)  # GitHub job outputs
+    annotations: list[str] = field(default_factory=list)  # GitHub ::error:: etc., masked
 
     @property
     def ok(self) -> bool:
@@ -38,6 +39,10 @@ class Named(Protocol):
 
 J = TypeVar("J", bound=Named)
 Decide = Callable[[J, Mapping[str, JobResult]], JobResult | None]
+# A job whose instances are known only once its needs ended (GitHub: a matrix from
+# `needs.*.outputs`): None, it is an ordinary job; a list, the jobs that replace it; a
+# JobResult, it is settled so (its matrix could not be built).
+Expand = Callable[[J, Mapping[str, JobResult]], "list[J] | JobResult | None"]
 
 
 def find_cycle(graph: Mapping[str, Sequence[str]]) -> list[str] | None:
@@ -78,22 +83,45 @@ def with_needs(jobs: Sequence[J], named: Iterable[J], needs_of: Callable[[J], It
     return [job for job in jobs if job.name in wanted]
 
 
+class _Graph:
+    """The jobs of a run and what each waits for; jobs may be replaced by their instances
+    (``Expand``) while it runs, after which every waiting job's dependencies are recomputed
+    (``after`` then names the instances)."""
+
+    def __init__(self, jobs: Sequence[J], after: Callable[[J], Iterable[str]]) -> None:
+        self.jobs: list[Any] = list(jobs)
+        self.after = after
+        self.deps: dict[str, list[str]] = {}
+        self.recompute()
+
+    def recompute(self) -> None:
+        names = {job.name for job in self.jobs}
+        self.deps = {job.name: [d for d in self.after(job) if d in names and d != job.name]
+                     for job in self.jobs}
+
+    def replace(self, job: Any, instances: list[Any]) -> None:
+        at = self.jobs.index(job)
+        self.jobs[at:at + 1] = instances
+        self.recompute()
+
+
 def run_dag(jobs: Sequence[J], after: Callable[[J], Iterable[str]], decide: Decide[J],
-            run: Callable[[J], JobResult], parallel: int, cancel: Cancel) -> list[JobResult]:
-    """Run ``jobs`` at most ``parallel`` at once; results in the order of ``jobs``.
+            run: Callable[[J], JobResult], parallel: int, cancel: Cancel,
+            expand: Expand[J] | None = None) -> list[JobResult]:
+    """Run ``jobs`` at most ``parallel`` at once; results in the order of ``jobs`` (an
+    expanded job's instances in its place).
 
     Ctrl-C here (the main thread) sets ``cancel``: running jobs see it (SIGTERM, grace,
     kill), waiting ones are settled as cancelled."""
-    names = {job.name for job in jobs}
-    deps = {job.name: [d for d in after(job) if d in names and d != job.name] for job in jobs}
+    graph = _Graph(jobs, after)
     results: dict[str, JobResult] = {}
     running: dict[Future[JobResult], J] = {}
     waiting = list(jobs)
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         while waiting or running:
             try:
-                progressed = _start_ready(waiting, running, results, deps, decide, run, pool,
-                                          parallel, cancel)
+                progressed = _start_ready(waiting, running, results, graph, decide, run, pool,
+                                          parallel, cancel, expand)
                 if running:
                     done, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
                     for future in done:
@@ -106,22 +134,31 @@ def run_dag(jobs: Sequence[J], after: Callable[[J], Iterable[str]], decide: Deci
                     waiting.clear()
             except KeyboardInterrupt:
                 cancel.set()
-    return [results.get(job.name) or JobResult(job.name, JobStatus.CANCELLED) for job in jobs]
+    return [results.get(job.name) or JobResult(job.name, JobStatus.CANCELLED)
+            for job in graph.jobs]
 
 
 def _start_ready(waiting: list[J], running: dict[Future[JobResult], J],
-                 results: dict[str, JobResult], deps: Mapping[str, list[str]],
+                 results: dict[str, JobResult], graph: _Graph,
                  decide: Decide[J], run: Callable[[J], JobResult],
-                 pool: ThreadPoolExecutor, parallel: int, cancel: Cancel) -> bool:
+                 pool: ThreadPoolExecutor, parallel: int, cancel: Cancel,
+                 expand: Expand[J] | None) -> bool:
     progressed = False
     for job in list(waiting):
         if len(running) >= parallel:
             break  # a job is taken only when a VM slot is free, so cancel stops it
-        if not all(d in results for d in deps[job.name]):
+        if job not in waiting or not all(d in results for d in graph.deps[job.name]):
             continue
         waiting.remove(job)
         progressed = True
-        settled = JobResult(job.name, JobStatus.CANCELLED) if cancel.is_set() \
+        grown = None if cancel.is_set() or expand is None else expand(job, results)
+        if isinstance(grown, list):  # its instances wait in its place, decided on their own
+            graph.replace(job, grown)
+            waiting.extend(grown)
+            waiting.sort(key=graph.jobs.index)
+            continue
+        settled = grown if isinstance(grown, JobResult) else \
+            JobResult(job.name, JobStatus.CANCELLED) if cancel.is_set() \
             else decide(job, results)
         if settled is None:
             running[pool.submit(run, job)] = job

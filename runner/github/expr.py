@@ -28,6 +28,9 @@ _TOKEN = re.compile(r"""\s*(?:
 _EMBED = re.compile(r"\$\{\{(.*?)\}\}", re.DOTALL)
 
 
+MAX_EXPRESSION = 21_000  # GitHub: an expression's result and text are bounded likewise
+
+
 class ExpressionError(UserError):
     pass
 
@@ -40,8 +43,8 @@ def to_number(value: Any) -> float:
         return 0.0
     if isinstance(value, bool):
         return 1.0 if value else 0.0
-    if isinstance(value, float):
-        return value
+    if isinstance(value, (int, float)):  # YAML gives ints (a matrix value `7`)
+        return float(value)
     if isinstance(value, str):
         text = value.strip()
         if text == "":
@@ -141,13 +144,45 @@ def _numbers_as_float(value: Any) -> Any:
 
 
 def evaluate(text: str, contexts: Mapping[str, Any], functions: Functions | None = None) -> Any:
+    if len(text) > MAX_EXPRESSION:
+        raise ExpressionError(f"an expression longer than {MAX_EXPRESSION} characters")
     parser = _Parser(text, contexts, {**BUILTINS, **{k.lower(): v for k, v in
                                                       (functions or {}).items()}})
-    value = parser.or_()
+    try:
+        value = parser.or_()
+    except RecursionError:
+        raise ExpressionError(f"expression nests too deeply: {text[:80]!r}") from None
     if parser.pos != len(parser.tokens):
         raise ExpressionError(f"cannot parse expression {text!r}: unexpected "
                               f"{parser.tokens[parser.pos][1]!r}")
     return value
+
+
+def evaluate_tree(value: Any, contexts: Mapping[str, Any]) -> Any:
+    """A YAML value with expressions in it, evaluated (a matrix, a container): a string that
+    is one whole `${{ }}` becomes the expression's value, of any type (an array spliced in
+    from fromJSON); other strings have their expressions rendered as text; keys likewise."""
+    if isinstance(value, str):
+        whole = re.fullmatch(r"\s*\$\{\{(.*?)\}\}\s*", value, re.DOTALL)
+        if whole and "${{" not in whole.group(1):
+            return evaluate(whole.group(1), contexts)
+        return render(value, contexts)
+    if isinstance(value, dict):
+        return {render(str(k), contexts): evaluate_tree(v, contexts) for k, v in value.items()}
+    if isinstance(value, list):
+        return [evaluate_tree(v, contexts) for v in value]
+    return value
+
+
+STATUS = ("success", "failure", "always", "cancelled")
+
+
+def parse(text: str) -> None:
+    """Whether ``text`` is an expression (ExpressionError if not), without its contexts:
+    every context is empty and every known function returns null, so only the syntax, the
+    function names and their argument counts are checked."""
+    stubs = {name: (lambda *args: None) for name in [*BUILTINS, *STATUS, "hashfiles"]}
+    evaluate(text, {}, stubs)
 
 
 def render(text: str, contexts: Mapping[str, Any], functions: Functions | None = None) -> str:
@@ -266,7 +301,12 @@ class _Parser:
         self._expect(")")
         if name not in self.functions:
             raise ExpressionError(f"unknown function {name}() in expression {self.text!r}")
-        return self.functions[name](*args)
+        try:
+            return self.functions[name](*args)
+        except ExpressionError:
+            raise
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+            raise ExpressionError(f"{name}(): {exc} in expression {self.text!r}") from None
 
     def postfix(self, value: Any) -> Any:
         while self._peek(".", "["):

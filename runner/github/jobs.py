@@ -19,7 +19,7 @@ from kata_ci.runner.core.schedule import JobResult, run_dag, with_needs
 from kata_ci.runner.core.secrets import GITHUB_MASK
 from kata_ci.runner.core.spec import JobSpec, RunSettings
 from kata_ci.runner.github.container import container_image, service_uses
-from kata_ci.runner.github.expr import render
+from kata_ci.runner.github.expr import evaluate_tree, render
 from kata_ci.runner.github.steps import (
     GitHubSteps,
     JobState,
@@ -28,8 +28,9 @@ from kata_ci.runner.github.steps import (
     contexts,
     flag,
     github_env,
+    minutes,
 )
-from kata_ci.runner.github.workflow import GHJob, Workflow
+from kata_ci.runner.github.workflow import GHJob, Workflow, expand_matrix, instance
 
 
 def select(workflow: Workflow, names: list[str], only: bool) -> list[GHJob]:
@@ -84,6 +85,35 @@ class GitHubGraph:
     def after(self, job: GHJob) -> list[str]:
         return [v.name for need in job.needs for v in self.by_key.get(need, [])]
 
+    def ancestors(self, key: str) -> set[str]:
+        """Every job id upstream of ``key``, through needs of needs."""
+        found: set[str] = set()
+        pending = [n for v in self.by_key.get(key, []) for n in v.needs]
+        while pending:
+            need = pending.pop()
+            if need not in found:
+                found.add(need)
+                pending += [n for v in self.by_key.get(need, []) for n in v.needs]
+        return found
+
+    def expand(self, job: GHJob, results: Mapping[str, JobResult]) -> list[GHJob] | \
+            JobResult | None:
+        """A matrix written with expressions, built now that the job's needs have ended
+        (`matrix: ${{ fromJSON(needs.plan.outputs.targets) }}`); its instances replace it."""
+        if job.matrix_source is None:
+            return None
+        ctx = {"github": self.rc.github, "needs": {n: self.need(n, results) for n in job.needs},
+               "vars": {}, "inputs": {}}
+        try:
+            combos = expand_matrix(evaluate_tree(job.matrix_source, ctx),
+                                   f"{self.workflow.path}:{job.line}: job {job.key!r}")
+        except UserError as exc:
+            return JobResult(job.name, JobStatus.FAILED, message=f"strategy.matrix: {exc}")
+        instances = [instance(job, combo) for combo in combos]
+        self.by_key[job.key] = instances
+        self.jobs[self.jobs.index(job):self.jobs.index(job) + 1] = instances
+        return instances
+
     def need(self, key: str, results: Mapping[str, JobResult]) -> dict[str, Any]:
         """needs.<key> once all its variants are done; a job outside the selection (--only)
         counts as succeeded."""
@@ -98,7 +128,11 @@ class GitHubGraph:
                                  for s in siblings if s.name in results):
             return JobResult(job.name, JobStatus.CANCELLED)
         needs = {n: self.need(n, results) for n in job.needs}
-        needs_ok = all(n["result"] == "success" for n in needs.values())
+        # success() looks at every job upstream, not only the direct needs: a job is skipped
+        # when anything in its dependency chain failed (or was cancelled)
+        upstream = [self.need(a, results) for a in self.ancestors(job.key)]
+        needs_ok = all(n["result"] == "success" for n in needs.values()) and \
+            all(n["result"] in ("success", "skipped") for n in upstream)
         cancelled = self.rc.cancelled
         functions: dict[str, Callable[..., Any]] = {
             "success": lambda: needs_ok and not cancelled.is_set(), "always": lambda: True,
@@ -126,10 +160,13 @@ class GitHubPlan(GitHubGraph):
         self.scripts: dict[str, GitHubSteps] = {}
 
     def spec(self, job: GHJob) -> JobSpec:
+        early = contexts(job, JobState(), self.rc)  # github, needs, matrix, secrets...
+        job = dataclasses.replace(job, env={k: render(v, early) for k, v in job.env.items()},
+                                  timeout_minutes=minutes(job.timeout_minutes, early))
         base = job_env(github_env(self.rc, job), term=self.settings.term)
         script = GitHubSteps(job, self.rc, base, self.settings.env)
         self.scripts[job.name] = script
-        own = job.timeout_minutes * 60 if job.timeout_minutes else None
+        own = float(job.timeout_minutes) * 60 if job.timeout_minutes else None
         ctx = contexts(job, JobState(), self.rc)  # container: matrix, github, secrets...
         image, secrets, script.notes = container_image(job.container,
                                                        lambda text: render(text, ctx))
@@ -152,13 +189,14 @@ class GitHubPlan(GitHubGraph):
                              f"{outcome.message}; {exc}".lstrip("; "))
         return JobResult(job.name, JobStatus.of(outcome, allowed), took, outcome.exit_code,
                          "" if outcome.kind is OutcomeKind.SUCCESS else outcome.message,
-                         outputs=outputs)
+                         outputs=outputs, annotations=list(state.annotations) if state else [])
 
 
 def schedule(workflow: Workflow, jobs: list[GHJob], parallel: int,
              run: Callable[[GHJob], JobResult], rc: RunContext) -> list[JobResult]:
     graph = GitHubGraph(workflow, jobs, rc)
-    results = run_dag(jobs, graph.after, graph.decide, run, parallel, rc.cancelled)
+    results = run_dag(jobs, graph.after, graph.decide, run, parallel, rc.cancelled,
+                      graph.expand)
     graph.finish({r.name: r for r in results})
     return results
 

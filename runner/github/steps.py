@@ -8,8 +8,8 @@ the job going. A step that cannot start (unknown shell, a bad expression) fails 
 like any other failing step. In a job's container (its OCI image) a step without `shell:`
 runs with `bash -e` if the image has bash, else `sh -e`, as GitHub's runner falls back.
 `uses: actions/checkout` is the mounted checkout; other actions cannot be fetched and are
-skipped with a warning. `::add-mask::VALUE` on a line of a step's output masks VALUE (`***`)
-in the rest of the job's output; the line itself is not shown.
+skipped with a warning. Workflow commands on a step's output (`::add-mask::`,
+`::set-output`, `::error::`, `::group::`...) are acted upon as commands.py describes.
 """
 
 from __future__ import annotations
@@ -27,11 +27,16 @@ from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.env import job_env
 from kata_ci.runner.core.lifecycle import Session
 from kata_ci.runner.core.outcome import Outcome, OutcomeKind
-from kata_ci.runner.core.secrets import MIN_SECRET_BYTES
 from kata_ci.runner.core.shell import file_argv
-from kata_ci.runner.core.sinks import Stream
 from kata_ci.runner.core.spec import Command
-from kata_ci.runner.github.expr import evaluate, render, truthy, uses_status_function
+from kata_ci.runner.github.commands import RESERVED_ENV, StepCommands, WorkflowCommands
+from kata_ci.runner.github.expr import (
+    evaluate,
+    render,
+    to_number,
+    truthy,
+    uses_status_function,
+)
 from kata_ci.runner.github.workflow import GHJob, Step, Workflow
 
 FILES = "/tmp/kata-ci-gh"
@@ -42,9 +47,6 @@ STEP_FILES = {"env": "GITHUB_ENV", "path": "GITHUB_PATH", "output": "GITHUB_OUTP
 STEP_FILE_LIMIT = 1 << 20  # GitHub caps $GITHUB_STEP_SUMMARY at 1 MiB; the others likewise
 SHELLS = {"bash": "bash --noprofile --norc -eo pipefail {0}", "sh": "sh -e {0}",
           "python": "python3 {0}", "pwsh": "", "powershell": "", "cmd": ""}
-ADD_MASK = b"::add-mask::"
-ADD_MASK_LIMIT = 64 << 10  # a longer ::add-mask:: line is dropped unseen, not held on
-_PIECES = re.compile(rb"[^\n]*\n|[^\n]+")
 
 
 @dataclass
@@ -65,6 +67,7 @@ class JobState:
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # from $GITHUB_ENV
     path: list[str] = field(default_factory=list)  # from $GITHUB_PATH, newest first
+    annotations: list[str] = field(default_factory=list)  # ::error:: etc., masked
 
 
 def parse_env_file(text: str) -> dict[str, str]:
@@ -130,6 +133,17 @@ def flag(value: Any, ctx: Mapping[str, Any]) -> bool:
     return bool(value)
 
 
+def minutes(value: float | str | None, ctx: Mapping[str, Any]) -> float | None:
+    """timeout-minutes as a number: a literal, or an expression's value
+    (`timeout-minutes: ${{ matrix.slow && 60 || 10 }}`); UserError if not positive."""
+    if value is None or isinstance(value, float):
+        return value
+    number = to_number(evaluate(expression_body(value), ctx))
+    if not 0 < number < 1e9:
+        raise UserError(f"timeout-minutes: {value} is {number:g}, not a positive number")
+    return number
+
+
 def condition(text: str | None, ctx: Mapping[str, Any], functions: Mapping[str, Any]) -> bool:
     body = expression_body(text or "")
     if not body:
@@ -158,76 +172,6 @@ def github_env(rc: RunContext, job: GHJob) -> dict[str, str]:
             "GITHUB_JOB": job.key, "GITHUB_RUN_ID": g["run_id"], "GITHUB_ACTOR": g["actor"],
             "RUNNER_OS": "Linux", "RUNNER_TEMP": "/tmp",
             **{var: f"{FILES}/{name}" for name, var in STEP_FILES.items()}}
-
-
-def _mask_command(line: bytes) -> bool | None:
-    """True: an ::add-mask:: line (as GitHub: leading blanks allowed, any letter case);
-    None: it may still become one; False: it cannot."""
-    head = line.lstrip(b" \t")[:len(ADD_MASK)].lower()
-    return True if head == ADD_MASK else None if ADD_MASK.startswith(head) else False
-
-
-class AddMask:
-    """A step's output on its way to the job's (masking) sink. A line `::add-mask::VALUE`
-    registers VALUE for the rest of the job and is dropped, as on GitHub's runner, so the
-    value is never shown, not even in the command. Only the start of a line that may still
-    become such a command is held back; every other byte passes at once."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.held: dict[Stream, bytes] = {}  # a line's start that may be a command
-        self.mid_line: set[Stream] = set()  # inside a line already passed on
-        self.dropping: set[Stream] = set()  # inside an over-long command line
-
-    def write(self, stream: Stream, data: bytes) -> None:
-        shown = []
-        for piece in _PIECES.findall(data):
-            ends = piece.endswith(b"\n")
-            if stream in self.dropping or stream in self.mid_line:
-                if stream in self.mid_line:
-                    shown.append(piece)
-                if ends:
-                    self.dropping.discard(stream)
-                    self.mid_line.discard(stream)
-                continue
-            line = self.held.pop(stream, b"") + piece
-            command = _mask_command(line)
-            if command is False:
-                shown.append(line)
-                if not ends:
-                    self.mid_line.add(stream)
-            elif ends:  # a complete line cannot be a mere beginning: it is a command
-                self._register(line)
-            elif len(line) > ADD_MASK_LIMIT:
-                self.dropping.add(stream)
-                self.session.note(f"warning: an ::add-mask:: line longer than "
-                                  f"{ADD_MASK_LIMIT} bytes was dropped")
-            else:
-                self.held[stream] = line
-        if shown:
-            self.session.sink.write(stream, b"".join(shown))
-
-    def flush(self) -> None:
-        """The step's output ended: a last line without a newline is complete now."""
-        held, self.held = self.held, {}
-        self.mid_line.clear()
-        self.dropping.clear()
-        for stream, line in held.items():
-            if _mask_command(line):
-                self._register(line)
-            else:
-                self.session.sink.write(stream, line)
-
-    def _register(self, line: bytes) -> None:
-        start = len(line) - len(line.lstrip(b" \t")) + len(ADD_MASK)
-        text = line[start:].rstrip().decode(errors="replace")  # GitHub trims the line
-        # GitHub's escaping of a command's data, undone in reverse
-        value = text.replace("%0D", "\r").replace("%0A", "\n").replace("%25", "%")
-        if not value.strip():
-            self.session.note("warning: ::add-mask:: without a value")
-        elif not self.session.add_mask(value):
-            self.session.note(f"warning: an ::add-mask:: value shorter than {MIN_SECRET_BYTES} "
-                              "bytes is not masked")
 
 
 class GitHubSteps:
@@ -291,19 +235,21 @@ class GitHubSteps:
         except UserError as exc:
             self._failed(session, step, record, ctx, str(exc))
             return None
-        commands = AddMask(session)
+        commands = WorkflowCommands(session, command.env, self._debug())
         try:
             outcome = session.run(command, commands)
         finally:
-            commands.flush()
+            produced = commands.flush()
         if outcome.kind is OutcomeKind.SYSTEM_FAILURE:
             return outcome
-        summary = self._collect(session, record)
+        summary = self._collect(session, record, produced)
         if summary.strip():
             session.sink.write("stdout", f"── step summary ──\n{summary.rstrip()}\n".encode())
         if outcome.kind is OutcomeKind.TIMEOUT and session.expired:
             return outcome  # the job's own deadline: nothing more runs
-        if outcome.kind is OutcomeKind.SUCCESS:
+        if outcome.kind is OutcomeKind.SUCCESS and produced.failure:
+            self._failed(session, step, record, ctx, produced.failure)
+        elif outcome.kind is OutcomeKind.SUCCESS:
             record.update(outcome="success", conclusion="success")
         elif outcome.kind is OutcomeKind.CANCELLED:
             record.update(outcome="failure", conclusion="failure")
@@ -328,7 +274,7 @@ class GitHubSteps:
                  functions: Mapping[str, Callable[..., Any]]) -> Command:
         """The step's process, its script written into the guest; UserError if the step
         cannot start (unknown shell, bad expression)."""
-        shell = step.shell or self.job.shell
+        shell = render(step.shell or self.job.shell or "", ctx, functions)
         detect = not shell and session.spec.image is not None  # bash, else sh (container)
         template = SHELLS.get(shell or "bash", shell or "bash")
         if not template or "{0}" not in template:
@@ -342,19 +288,35 @@ class GitHubSteps:
         session.put_files(files)
         env = job_env(self.base_env, ctx["env"], step_env, self.user_env,
                       path_prepend=self.state.path)
-        timeout = step.timeout_minutes * 60 if step.timeout_minutes else 0.0
+        step_minutes = minutes(step.timeout_minutes, ctx)
+        timeout = step_minutes * 60 if step_minutes else 0.0
         argv = file_argv(script) if detect else template.replace("{0}", script).split()
         return Command(argv, env,
                        str(self.rc.workspace / workdir) if workdir else "", timeout,
                        timeout_message=f"step timed out after {timeout:g}s" if timeout else "")
 
-    def _collect(self, session: Session, record: dict[str, Any]) -> str:
-        """Read back the step's GITHUB_* files; returns the step summary (markdown)."""
+    def _debug(self) -> bool:
+        """ACTIONS_STEP_DEBUG, as a secret or a variable, turns ::debug:: lines on."""
+        value = self.rc.secrets.get("ACTIONS_STEP_DEBUG") or {
+            **self.rc.workflow.env, **self.job.env}.get("ACTIONS_STEP_DEBUG", "")
+        return value.lower() == "true"
+
+    def _collect(self, session: Session, record: dict[str, Any],
+                 produced: StepCommands) -> str:
+        """Read back the step's GITHUB_* files (after what its commands set); returns the
+        step summary (markdown)."""
+        self.state.env.update(produced.env)
+        self.state.path[:0] = produced.path
+        self.state.annotations += produced.annotations
         paths = [f"{FILES}/{name}" for name in STEP_FILES]
         got = session.get_files(paths, STEP_FILE_LIMIT)
         env, path, output, summary = (
             (got[p] or b"").decode(errors="replace") for p in paths)
-        self.state.env.update(parse_env_file(env))
+        added = parse_env_file(env)
+        for name in RESERVED_ENV & {n.upper() for n in added}:
+            session.note(f"warning: Can't store {name} output parameter using '$GITHUB_ENV' "
+                         "command.")
+        self.state.env.update({k: v for k, v in added.items() if k.upper() not in RESERVED_ENV})
         self.state.path[:0] = [p for p in reversed(path.splitlines()) if p.strip()]
-        record["outputs"] = parse_env_file(output)
+        record["outputs"] = {**produced.outputs, **parse_env_file(output)}
         return summary

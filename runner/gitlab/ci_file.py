@@ -23,10 +23,16 @@ from kata_ci.runner.core.services import ServiceUse
 from kata_ci.runner.gitlab.image import parse_image, parse_services
 from kata_ci.runner.gitlab.keywords import DEFAULT_STAGES
 from kata_ci.runner.gitlab.merge import merged_jobs, resolve
-from kata_ci.runner.gitlab.rules import decide
+from kata_ci.runner.gitlab.rules import FILTERED, decide, workflow
 from kata_ci.runner.gitlab.source import CIError
+from kata_ci.runner.gitlab.validate import check_variables
 
 __all__ = ["CIError", "CIJob", "Pipeline", "load", "merged_jobs", "parse_duration"]
+
+
+def slug(text: str) -> str:
+    """GitLab's *_SLUG: lowercased, runs of other characters as `-`, at most 63 bytes."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:63]
 
 
 @dataclass
@@ -47,7 +53,8 @@ class CIJob:
     masked: list[str] = field(default_factory=list)  # variables written with masked: true
     image: ImageUse | None = None  # its name (and user) not yet expanded: jobs.job_image
     services: tuple[ServiceUse, ...] = ()  # likewise
-    notes: list[str] = field(default_factory=list)  # what of image: kata-ci does not honour
+    notes: list[str] = field(default_factory=list)  # what kata-ci does not honour, said on run
+    optional: set[str] = field(default_factory=set)  # needs written with optional: true
 
 
 @dataclass
@@ -55,6 +62,8 @@ class Pipeline:
     path: Path
     stages: list[str]
     jobs: list[CIJob]
+    empty: str = ""  # why nothing runs: GitLab's words (workflow rules, every job excluded)
+    name: str = ""  # workflow:name
 
     def job(self, name: str) -> CIJob:
         for job in self.jobs:
@@ -64,7 +73,11 @@ class Pipeline:
                       f"(jobs: {', '.join(j.name for j in self.jobs)})")
 
     def named(self, name: str) -> list[CIJob]:
-        """The job, or every variant of a parallel/matrix job by its base name."""
+        """The job, or every variant of a parallel/matrix job by its base name. `job: [1/2]`
+        names GitLab's `job 1/2` too (the spelling the matrix form uses)."""
+        alias = re.fullmatch(r"(.*): \[(\d+/\d+)\]", name)
+        if alias and not any(j.name == name for j in self.jobs):
+            name = f"{alias.group(1)} {alias.group(2)}"
         variants = [j for j in self.jobs if j.name.startswith((f"{name}: [", f"{name} "))
                     and j.name != name]
         return variants if variants and not any(j.name == name for j in self.jobs) \
@@ -77,27 +90,40 @@ def load(path: Path, project: Path, variables: Mapping[str, str],
     ``changed`` the files `rules: changes` sees (the run's RepoSnapshot.changed, read once
     before any job; None: unknown, every file counts as changed)."""
     merged = resolve(path, project, variables)
-    data, lines, where = merged.data, merged.lines, merged.where
+    data, where = merged.data, merged.where
     stages = data.get("stages") or DEFAULT_STAGES
     if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
-        raise CIError(f"{where('stages')}: stages must be a list of names")
+        raise CIError(f"{where('stages')}: stages config should be an array of strings")
     stages = [".pre", *[s for s in stages if s not in (".pre", ".post")], ".post"]
-    global_vars = _variables(data.get("variables", {}), where("variables"))
-    global_masked = _masked(data.get("variables", {}), where("variables"))
+    runs, pipeline_vars = workflow(data.get("workflow"), variables, where("workflow"),
+                                   project, changed)
+    title = data.get("workflow", {}).get("name", "") if isinstance(
+        data.get("workflow"), dict) else ""
+    if not runs:
+        return Pipeline(path=path, stages=stages, jobs=[], empty=FILTERED, name=str(title))
+    raw_globals = data.get("variables", {})
+    check_variables(raw_globals, f"{where('variables')}: variables")
+    global_vars = {**_variables(raw_globals, where("variables")), **pipeline_vars}
+    global_masked = _masked(raw_globals, where("variables"))
+    rule_env = {**variables, **pipeline_vars}
     jobs: list[CIJob] = []
     for name, body in merged.jobs.items():
         own = body.get("variables", {})
         job_vars = {**global_vars, **_variables(own, where(name))}
         masked = (global_masked - set(own)) | _masked(own, where(name))
-        if body.get("inherit", {}).get("variables") is False:
-            job_vars = _variables(own, where(name))
-            masked = _masked(own, where(name))
-        for job in _expand(name, body, job_vars, stages, where(name), project, variables,
+        inherit = body.get("inherit", {}).get("variables", True)
+        if inherit is not True:  # false, or the list of global variables to keep
+            kept = set(inherit or [])
+            job_vars = {**{k: v for k, v in global_vars.items() if k in kept},
+                        **_variables(own, where(name))}
+            masked = {m for m in global_masked if m in kept} | _masked(own, where(name))
+        for job in _expand(name, body, job_vars, stages, where(name), project, rule_env,
                            changed):
             job.masked = sorted(masked)
             jobs.append(job)
-    _check_needs(jobs, path, lines)
-    return Pipeline(path=path, stages=stages, jobs=jobs)
+    check_needs(jobs, set(merged.jobs), path)
+    empty = "" if jobs else "No stages / jobs for this pipeline."
+    return Pipeline(path=path, stages=stages, jobs=jobs, empty=empty, name=str(title))
 
 
 def _variables(raw: Any, where: str) -> dict[str, str]:
@@ -179,31 +205,40 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
         env = {**predefined, **job_vars, **extra, "CI_JOB_NAME": job_name, "CI_JOB_STAGE": stage}
         if parallel and "CI_NODE_INDEX" not in extra:
             env.update(CI_NODE_INDEX=str(index), CI_NODE_TOTAL=str(len(variants)))
-        when, allow = decide(body, env, where, name, project, changed)
+        decision = decide(body, env, where, name, project, changed)
+        when, allow = decision.when, decision.allow_failure
         if when == "never":
             continue
+        notes_here = list(notes)
+        if when == "delayed":
+            notes_here.append(f"when: delayed (start_in: {body.get('start_in')}): kata-ci "
+                              "starts the job without waiting")
         allow_failure = body.get("allow_failure", False)
         codes = []
         if isinstance(allow_failure, dict):
             exit_codes = allow_failure.get("exit_codes", [])
             codes = [exit_codes] if isinstance(exit_codes, int) else list(exit_codes)
             allow_failure = False
-        if allow is not None:
-            allow_failure = allow
-        needs = body.get("needs")
+        if allow is not None:  # rules:allow_failure replaces the job's, exit_codes included
+            allow_failure, codes = allow, []
+        needs, optional = _needs(decision.needs if decision.needs is not None
+                                 else body.get("needs"), notes_here)
+        own = {**job_vars, **decision.variables, **extra}
         jobs.append(CIJob(
             name=job_name, stage=stage,
             before_script=_script(body.get("before_script"), where, "before_script"),
             script=_script(body.get("script"), where, "script"),
             after_script=_script(body.get("after_script"), where, "after_script"),
-            variables={**job_vars, **extra, "CI_JOB_NAME": job_name, "CI_JOB_STAGE": stage},
-            needs=None if needs is None else [n if isinstance(n, str) else n["job"]
-                                              for n in needs],
+            variables={**own, "CI_JOB_NAME": job_name, "CI_JOB_STAGE": stage,
+                       "CI_JOB_NAME_SLUG": slug(job_name),
+                       **({"CI_NODE_INDEX": env["CI_NODE_INDEX"],
+                           "CI_NODE_TOTAL": env["CI_NODE_TOTAL"]} if parallel else {})},
+            needs=needs, optional=optional,
             when=when, allow_failure=bool(allow_failure) or (when == "manual" and "rules"
                                                              not in body),
             allow_exit_codes=codes, timeout=parse_duration(body.get("timeout"), where),
             line=int(where.rsplit(":", 1)[1]), image=image, services=services,
-            notes=list(notes)))
+            notes=notes_here))
     return jobs
 
 
@@ -223,9 +258,36 @@ def parse_duration(value: Any, where: str) -> float | None:
     return total
 
 
-def _check_needs(jobs: list[CIJob], path: Path, lines: dict[str, int]) -> None:
+def _needs(raw: Any, notes: list[str]) -> tuple[list[str] | None, set[str]]:
+    """Job names a job needs, and which of them are optional. A cross-project (`project:`)
+    or parent-pipeline (`pipeline:`) need cannot be met locally: noted and left out."""
+    if raw is None:
+        return None, set()
+    names, optional = [], set()
+    for need in raw:
+        if isinstance(need, str):
+            names.append(need)
+            continue
+        if "project" in need or "pipeline" in need:
+            what = f"project {need.get('project')}" if "project" in need else \
+                f"pipeline {need.get('pipeline')}"
+            notes.append(f"needs: {need.get('job', '')} from {what} is another pipeline's "
+                         "job; kata-ci runs this pipeline only, so it is skipped")
+            continue
+        names.append(need["job"])
+        if need.get("optional"):
+            optional.add(need["job"])
+    return names, optional
+
+
+def _variants(jobs: list[CIJob], base: str) -> list[str]:
+    return [j.name for j in jobs if j.name.startswith((f"{base} ", f"{base}: ["))]
+
+
+def check_needs(jobs: list[CIJob], defined: set[str], path: Path) -> None:
+    """Needs resolved to the pipeline's job names (a parallel job: all its instances), as
+    GitLab checks them (doc: ci/yaml "needs", "needs:optional")."""
     names = {j.name for j in jobs}
-    base = {j.name.split(" ")[0].split(":")[0]: j for j in jobs}
     graph: dict[str, list[str]] = {}
     for job in jobs:
         if job.needs is None:
@@ -234,12 +296,18 @@ def _check_needs(jobs: list[CIJob], path: Path, lines: dict[str, int]) -> None:
         for need in job.needs:
             if need in names:
                 resolved.append(need)
-            elif need in base:  # needs on a parallel job: all of its variants
-                resolved.extend(j.name for j in jobs if j.name.startswith(need + " ")
-                                or j.name.startswith(need + ":"))
+            elif _variants(jobs, need):
+                resolved.extend(_variants(jobs, need))
+            elif need in job.optional:
+                continue  # needs:optional: a job that is not in this pipeline is ignored
+            elif need in defined:
+                raise CIError(
+                    f"{path}:{job.line}: '{job.name}' job needs '{need}' job, but '{need}' "
+                    "does not exist in the pipeline. This might be because of the only, "
+                    "except, or rules keywords. To need a job that sometimes does not exist "
+                    "in the pipeline, use needs:optional.")
             else:
-                raise CIError(f"{path}:{job.line}: job {job.name!r} needs {need!r}, "
-                              "which is not a job of this pipeline")
+                raise CIError(f"{path}:{job.line}: jobs:{job.name}: undefined need: {need}")
         job.needs = resolved
         graph[job.name] = resolved
     cycle = find_cycle(graph)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kata_ci.errors import UserError
 from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.env import job_env
 from kata_ci.runner.core.lifecycle import Session
@@ -28,14 +29,10 @@ from kata_ci.runner.core.schedule import JobResult, run_dag, with_needs
 from kata_ci.runner.core.secrets import GITLAB_MASK
 from kata_ci.runner.core.shell import preamble, script_argv
 from kata_ci.runner.core.spec import Command, JobSpec, RunSettings
-from kata_ci.runner.gitlab.ci_file import CIJob, Pipeline
+from kata_ci.runner.gitlab.ci_file import CIJob, Pipeline, slug
 from kata_ci.runner.gitlab.image import expand_image, expand_services
 
 AFTER_SCRIPT_TIMEOUT = 300.0  # GitLab's fixed after_script limit
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:63]
 
 
 def predefined_variables(project: Path, source: str = "push",
@@ -48,14 +45,25 @@ def predefined_variables(project: Path, source: str = "push",
     tag = repo.tag if branch == "HEAD" else ""
     default = repo.default_branch or branch
     ref = tag or branch
+    pipeline_id = str(int(time.time()))
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     variables = {
         "CI": "true", "GITLAB_CI": "true", "CI_SERVER": "yes", "KATA_CI": "true",
         "CI_PROJECT_DIR": str(project), "CI_BUILDS_DIR": str(project.parent),
         "CI_PROJECT_NAME": project.name, "CI_PROJECT_PATH": project.name,
         "CI_COMMIT_SHA": sha, "CI_COMMIT_SHORT_SHA": sha[:8], "CI_COMMIT_REF_NAME": ref,
         "CI_COMMIT_REF_SLUG": slug(ref), "CI_DEFAULT_BRANCH": default,
-        "CI_PIPELINE_SOURCE": source, "CI_PIPELINE_ID": str(int(time.time())),
-        "CI_COMMIT_TITLE": repo.title,
+        "CI_PIPELINE_SOURCE": source, "CI_PIPELINE_ID": pipeline_id,
+        "CI_COMMIT_TITLE": repo.title, "CI_COMMIT_MESSAGE": repo.title,
+        "CI_COMMIT_DESCRIPTION": "", "CI_COMMIT_BEFORE_SHA": "0" * 40,
+        "CI_COMMIT_REF_PROTECTED": "false", "CI_PIPELINE_IID": "1",
+        "CI_PIPELINE_CREATED_AT": started, "CI_JOB_STARTED_AT": started,
+        "CI_JOB_ID": pipeline_id, "CI_PIPELINE_URL": "", "CI_JOB_URL": "",
+        "CI_PROJECT_NAMESPACE": "local", "CI_PROJECT_ROOT_NAMESPACE": "local",
+        "CI_PROJECT_TITLE": project.name, "CI_PROJECT_PATH_SLUG": slug(project.name),
+        "CI_PROJECT_VISIBILITY": "private", "CI_CONFIG_PATH": ".gitlab-ci.yml",
+        "CI_SERVER_NAME": "GitLab", "CI_RUNNER_DESCRIPTION": "kata-ci run (local)",
+        "CI_RUNNER_TAGS": "[]", "CI_JOB_TRIGGERED": "false",
     }
     if tag:
         variables["CI_COMMIT_TAG"] = tag
@@ -105,8 +113,9 @@ class GitLabScript:
         if self.job.image is not None and session.spec.image is None:
             session.note(f"image: {self.job.image.name} expands to nothing: the job runs in "
                          "kata-ci's own root")
-        outcome = session.run(Command(script_command(
-            session, self.job.before_script + self.job.script)))
+        outcome = session.run(Command(  # GitLab sets CI_JOB_STATUS=running for script too
+            script_command(session, self.job.before_script + self.job.script),
+            env={**session.spec.env, "CI_JOB_STATUS": "running"}))
         if self.job.after_script and outcome.kind is not OutcomeKind.SYSTEM_FAILURE \
                 and not session.cancel.is_set():
             run_after_script(session, self.job.after_script,
@@ -125,15 +134,31 @@ def run_after_script(session: Session, lines: list[str], status: str) -> None:
         session.note(f"after_script failed ({after.message}); the job's status is unchanged")
 
 
-def select(pipeline: Pipeline, names: list[str], only: bool) -> list[CIJob]:
-    """The named jobs (all but manual ones when none is named), plus what they need."""
-    if not names:
-        return [j for j in pipeline.jobs if j.when != "manual"]
-    named = [job for n in names for job in pipeline.named(n)]
-    chosen = with_needs(pipeline.jobs, named,
-                        lambda job: [pipeline.job(n) for n in job.needs or []], only)
-    for job in named:  # named explicitly: a manual job runs
-        if job.when == "manual":
+def select(pipeline: Pipeline, names: list[str], only: bool,
+           manual: Sequence[str] = ()) -> list[CIJob]:
+    """The named jobs (all but manual ones when none is named), plus what they need: their
+    `needs`, or for a job without `needs` every job of the earlier stages, as GitLab orders
+    them. A named job runs even if manual; ``manual`` (--manual) triggers manual jobs in the
+    run. A job that needs a manual job nobody triggered is an error naming both."""
+    triggered = {job.name for n in manual for job in pipeline.named(n)}
+    for name in triggered:
+        if pipeline.job(name).when != "manual":
+            raise UserError(f"--manual {name}: the job is not manual (when: "
+                            f"{pipeline.job(name).when})")
+    named = [job for n in names for job in pipeline.named(n)] if names else \
+        [j for j in pipeline.jobs if j.when != "manual" or j.name in triggered]
+    graph = GitLabGraph(pipeline, pipeline.jobs)
+    chosen = named if not names else with_needs(
+        pipeline.jobs, named, lambda job: [pipeline.job(n) for n in graph.after(job)], only)
+    triggered |= {job.name for job in named} if names else set()
+    for job in [] if only else chosen:  # --only: the needed jobs are not part of the run
+        for need in job.needs or []:
+            if pipeline.job(need).when == "manual" and need not in triggered:
+                raise UserError(f"{pipeline.path}:{job.line}: job {job.name!r} needs the "
+                                f"manual job {need!r}, which is not triggered: add "
+                                f"--manual {shlex.quote(need)}, or name it")
+    for job in chosen:
+        if job.name in triggered and job.when == "manual":
             job.when = "on_success"
     return chosen
 
@@ -158,6 +183,11 @@ class GitLabGraph:
         if job.when == "manual":
             return JobResult(job.name, JobStatus.MANUAL, message="manual: name it to run")
         failed = any(not results[d].ok for d in self.after(job) if d in results)
+        skipped = [n for n in job.needs or [] if n in results and
+                   results[n].status in (JobStatus.SKIPPED, JobStatus.MANUAL)]
+        if job.when == "on_success" and skipped and not failed:  # needs wait for success
+            return JobResult(job.name, JobStatus.SKIPPED,
+                             message=f"it needs {skipped[0]}, which did not run")
         if job.when == "always" or (job.when == "on_failure") == failed:
             return None
         why = "an earlier job failed" if failed else "no earlier job failed"

@@ -15,4 +15,9 @@ GLOBAL_KEYS = {"default", "include", "stages", "variables", "workflow", "image",
 DEFAULT_KEYS = {"after_script", "artifacts", "before_script", "cache", "hooks", "id_tokens",
                 "image", "interruptible", "retry", "services", "tags", "timeout"}
 DEFAULT_STAGES = [".pre", "build", "test", "deploy", ".post"]
-WHENS = {"on_success", "on_failure", "always", "manual", "never", "delayed"}
+WHENS = {"on_success", "on_failure", "always", "manual", "never", "delayed"}  # in rules
+JOB_WHENS = {"on_success", "on_failure", "always", "manual", "delayed"}  # `never`: rules only
+RULE_KEYS = {"if", "changes", "exists", "when", "allow_failure", "variables", "needs",
+             "start_in", "interruptible"}
+WORKFLOW_KEYS = {"rules", "name", "auto_cancel"}
+WORKFLOW_RULE_KEYS = {"if", "changes", "exists", "when", "variables", "auto_cancel"}

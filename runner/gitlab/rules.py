@@ -6,38 +6,104 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kata_ci.errors import UserError
 from kata_ci.runner.core import beneath
 from kata_ci.runner.gitlab.expr import evaluate
-from kata_ci.runner.gitlab.keywords import WHENS
+from kata_ci.runner.gitlab.keywords import WORKFLOW_KEYS, WORKFLOW_RULE_KEYS
 from kata_ci.runner.gitlab.source import CIError
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What a job's rules (or only/except, or `when`) say for one pipeline."""
+
+    when: str
+    allow_failure: bool | None = None  # rules:allow_failure, over the job's
+    variables: dict[str, str] = field(default_factory=dict)  # rules:variables
+    needs: list[Any] | None = None  # rules:needs, instead of the job's
+
+
+def _matches(rule: Mapping[str, Any], env: Mapping[str, str], where: str, project: Path,
+             changed: Sequence[str] | None) -> bool:
+    try:
+        if "if" in rule and not evaluate(str(rule["if"]), env):
+            return False
+    except UserError as exc:
+        raise CIError(f"{where}: {exc}") from None
+    if "exists" in rule and not _exists(rule["exists"], project):
+        return False
+    return not ("changes" in rule and not _changes(rule["changes"], changed))
+
+
+def rule_variables(raw: Any) -> dict[str, str]:
+    """rules:variables (validated as a hash of scalars or {value: ...})."""
+    out = {}
+    for key, value in (raw or {}).items():
+        if isinstance(value, dict):
+            value = value.get("value", "")
+        out[str(key)] = "" if value is None else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+    return out
+
+
 def decide(body: dict[str, Any], env: Mapping[str, str], where: str, name: str,
-            project: Path, changed: Sequence[str] | None) -> tuple[str, bool | None]:
-    """(when, allow_failure override) from rules, or from only/except, or from `when`."""
+           project: Path, changed: Sequence[str] | None) -> Decision:
+    """The job's Decision from rules (the first that matches; none: never), or from
+    only/except, or from `when` (doc: job_rules.md "How rules are evaluated")."""
     when = body.get("when", "on_success")
-    if when not in WHENS:
-        raise CIError(f"{where}: job {name!r}: unknown when: {when!r}")
     if "rules" in body:
         for rule in body["rules"]:
-            if "if" in rule and not evaluate(str(rule["if"]), env):
+            if not _matches(rule, env, f"{where}: job {name!r}: rules:if", project, changed):
                 continue
-            if "exists" in rule and not _exists(rule["exists"], project):
-                continue
-            if "changes" in rule and not _changes(rule["changes"], changed):
-                continue
-            return rule.get("when", when), rule.get("allow_failure")
-        return "never", None
+            return Decision(rule.get("when", when), rule.get("allow_failure"),
+                            rule_variables(rule.get("variables")), rule.get("needs"))
+        return Decision("never")
     ref = env.get("CI_COMMIT_REF_NAME", "")
     is_tag = bool(env.get("CI_COMMIT_TAG"))
     if "only" in body and not _refs_match(body["only"], ref, is_tag, env):
-        return "never", None
+        return Decision("never")
     if "except" in body and _refs_match(body["except"], ref, is_tag, env):
-        return "never", None
-    return when, None
+        return Decision("never")
+    return Decision(when)
+
+
+FILTERED = "Pipeline filtered out by workflow rules."
+
+
+def workflow(raw: Any, env: Mapping[str, str], where: str, project: Path,
+             changed: Sequence[str] | None) -> tuple[bool, dict[str, str]]:
+    """workflow:rules (doc: ci/yaml "workflow:rules"): whether the pipeline runs at all, and
+    the matching rule's variables (pipeline-wide). No workflow:rules: it runs."""
+    if raw is None:
+        return True, {}
+    if not isinstance(raw, dict) or set(map(str, raw)) - WORKFLOW_KEYS:
+        raise CIError(f"{where}: workflow config contains unknown keys (allowed: "
+                      f"{', '.join(sorted(WORKFLOW_KEYS))})")
+    rules = raw.get("rules")
+    if rules is None:
+        return True, {}
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise CIError(f"{where}: workflow:rules config should be an array of hashes")
+    for rule in rules:
+        unknown = set(map(str, rule)) - WORKFLOW_RULE_KEYS
+        if unknown:
+            raise CIError(f"{where}: workflow:rules:rule config contains unknown keys: "
+                          f"{', '.join(sorted(unknown))}")
+        if rule.get("when", "always") not in ("always", "never"):
+            raise CIError(f"{where}: workflow:rules:rule when unknown value: {rule['when']} "
+                          "(always or never)")
+        if "if" in rule and not isinstance(rule["if"], str):
+            raise CIError(f"{where}: workflow:rules:rule if should be a string")
+        variables = rule.get("variables", {})
+        if not isinstance(variables, dict):
+            raise CIError(f"{where}: workflow:rules:rule:variables config should be a hash")
+        if _matches(rule, env, f"{where}: workflow:rules:if", project, changed):
+            return rule.get("when", "always") == "always", rule_variables(variables)
+    return False, {}
 
 
 def _refs_match(spec: Any, ref: str, is_tag: bool, env: Mapping[str, str]) -> bool:

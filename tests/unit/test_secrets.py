@@ -25,10 +25,11 @@ from kata_ci.runner.core.secrets import (
 )
 from kata_ci.runner.core.sinks import Stream
 from kata_ci.runner.core.spec import Commands, JobSpec, RunSettings
+from kata_ci.runner.github.commands import WorkflowCommands
 from kata_ci.runner.github.expr import render
 from kata_ci.runner.github.jobs import GitHubPlan, github_context
 from kata_ci.runner.github.jobs import select as select_gh
-from kata_ci.runner.github.steps import AddMask, JobState, RunContext, contexts
+from kata_ci.runner.github.steps import JobState, RunContext, contexts
 from kata_ci.runner.github.workflow import load_workflow
 from kata_ci.runner.gitlab.ci_file import CIError, load
 from kata_ci.runner.gitlab.jobs import GitLabPlan, predefined_variables
@@ -253,7 +254,7 @@ def test_add_mask_command_registers_and_is_never_shown(tmp_path: Path) -> None:
         masking = MaskingSink(sink, Masker(replacement=GITHUB_MASK))
         session = Session(JobSpec("j", Commands([]), {}, tmp_path), None,  # type: ignore[arg-type]
                           masking, Cancel())
-        commands = AddMask(session)
+        commands = WorkflowCommands(session)
         commands.write("stdout", text[:cut])
         commands.write("stdout", text[cut:])
         commands.flush()

@@ -1,0 +1,189 @@
+"""GitLab jobs as GitLab documents them: needs (optional, cross-project, excluded jobs),
+rules:variables/needs/allow_failure, workflow:rules, manual jobs, parallel names, predefined
+variables. Each case is an example of the doc section its docstring names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kata_ci.errors import UserError
+from kata_ci.runner.cli.app import main
+from kata_ci.runner.gitlab.ci_file import CIError, Pipeline, load
+from kata_ci.runner.gitlab.jobs import predefined_variables, select
+
+MAIN = {"CI_COMMIT_BRANCH": "main", "CI_DEFAULT_BRANCH": "main", "CI_COMMIT_REF_NAME": "main",
+        "CI_PIPELINE_SOURCE": "push"}
+
+
+def pipeline(tmp_path: Path, text: str, variables: dict[str, str] | None = None) -> Pipeline:
+    (tmp_path / ".gitlab-ci.yml").write_text(text)
+    return load(tmp_path / ".gitlab-ci.yml", tmp_path, {**MAIN, **(variables or {})})
+
+
+def names(jobs: list) -> list[str]:  # type: ignore[type-arg]
+    return [j.name for j in jobs]
+
+
+def test_needs_optional_drops_an_excluded_job(tmp_path: Path) -> None:
+    """ci/yaml "needs:optional": a needed job that rules left out is ignored when optional."""
+    p = pipeline(tmp_path, "a: {script: [x], rules: [{if: $NOPE}]}\n"
+                 "b: {script: [x], needs: [{job: a, optional: true}]}\n")
+    assert names(p.jobs) == ["b"] and p.job("b").needs == []
+
+
+def test_needs_on_an_excluded_job_is_gitlabs_error(tmp_path: Path) -> None:
+    """ci/yaml "needs:optional": without optional, needing a job rules excluded is an error
+    with GitLab's wording, naming both jobs."""
+    with pytest.raises(CIError, match=r"'b' job needs 'a' job, but 'a' does not exist in the "
+                                      r"pipeline.*use needs:optional"):
+        pipeline(tmp_path, "a: {script: [x], rules: [{if: $NOPE}]}\n"
+                 "b: {script: [x], needs: [a]}\n")
+
+
+def test_cross_project_needs_are_skipped_with_a_note(tmp_path: Path) -> None:
+    """ci/yaml "needs:project" and "needs:pipeline:job": another pipeline's job cannot be
+    met locally; the need is noted and skipped, the file still loads."""
+    p = pipeline(tmp_path, "b: {script: [x], needs: [{project: grp/lib, job: build, "
+                 "ref: main, artifacts: true}, {pipeline: $PARENT_PIPELINE_ID, job: gen}]}\n")
+    assert p.job("b").needs == []
+    assert any("project grp/lib" in n for n in p.job("b").notes)
+    assert any("pipeline $PARENT_PIPELINE_ID" in n for n in p.job("b").notes)
+
+
+def test_run_job_without_needs_runs_earlier_stages_first(tmp_path: Path) -> None:
+    """ci/yaml "stages": a job without needs starts after every job of earlier stages, so
+    `kata-ci run deploy` also runs build and test (but not later stages or manual jobs)."""
+    p = pipeline(tmp_path, "build: {stage: build, script: [x]}\n"
+                 "test: {stage: test, script: [x]}\nmanual: {stage: test, script: [x], "
+                 "when: manual}\ndeploy: {stage: deploy, script: [x]}\n"
+                 "post: {stage: .post, script: [x]}\n")
+    assert names(select(p, ["deploy"], False)) == ["build", "test", "deploy"]
+    assert names(select(p, ["deploy"], True)) == ["deploy"]
+
+
+def test_rules_variables_win_over_job_variables(tmp_path: Path) -> None:
+    """job_rules.md "rules:variables": the matching rule's variables override the job's."""
+    p = pipeline(tmp_path, "job:\n  variables: {A: job, B: job}\n  script: [x]\n  rules:\n"
+                 "    - if: $CI_COMMIT_BRANCH == 'main'\n      variables: {A: rule}\n")
+    assert p.job("job").variables["A"] == "rule" and p.job("job").variables["B"] == "job"
+
+
+def test_rules_needs_replace_the_jobs_needs(tmp_path: Path) -> None:
+    """ci/yaml "rules:needs": when the rule matches, its needs replace the job's."""
+    p = pipeline(tmp_path, "a: {stage: build, script: [x]}\nb: {stage: build, script: [x]}\n"
+                 "c:\n  script: [x]\n  needs: [a]\n  rules:\n"
+                 "    - if: $CI_COMMIT_BRANCH == 'main'\n      needs: [b]\n")
+    assert p.job("c").needs == ["b"]
+
+
+def test_rules_allow_failure_overrides_exit_codes(tmp_path: Path) -> None:
+    """ci/yaml "rules:allow_failure": the rule's value replaces the job's allow_failure,
+    exit_codes included; a rule without it keeps the job's."""
+    p = pipeline(tmp_path, "a:\n  script: [x]\n  allow_failure: {exit_codes: [3]}\n"
+                 "  rules: [{if: $CI_COMMIT_BRANCH, allow_failure: false}]\n"
+                 "b:\n  script: [x]\n  allow_failure: {exit_codes: [3]}\n"
+                 "  rules: [{if: $CI_COMMIT_BRANCH}]\n"
+                 "c: {script: [x], rules: [{when: manual}]}\n")
+    assert p.job("a").allow_exit_codes == [] and not p.job("a").allow_failure
+    assert p.job("b").allow_exit_codes == [3]
+    assert not p.job("c").allow_failure  # when: manual in rules: allow_failure false
+
+
+def test_workflow_rules_filter_the_pipeline(tmp_path: Path) -> None:
+    """ci/yaml "workflow:rules": no matching rule (or when: never) means no pipeline, said
+    with GitLab's "Pipeline filtered out by workflow rules."."""
+    text = ("workflow:\n  rules:\n    - if: $CI_PIPELINE_SOURCE == 'schedule'\n"
+            "      when: never\n    - if: $CI_COMMIT_BRANCH\n"
+            "job: {script: [x]}\n")
+    assert names(pipeline(tmp_path, text).jobs) == ["job"]
+    filtered = pipeline(tmp_path, text, {"CI_PIPELINE_SOURCE": "schedule"})
+    assert filtered.jobs == [] and filtered.empty == "Pipeline filtered out by workflow rules."
+
+
+def test_workflow_rules_variables_reach_job_rules_and_jobs(tmp_path: Path) -> None:
+    """ci/yaml "workflow:rules:variables": the matching rule's variables are pipeline-wide,
+    over global variables, seen by job rules."""
+    p = pipeline(tmp_path, "variables: {DEPLOY: none}\nworkflow:\n  rules:\n"
+                 "    - if: $CI_COMMIT_BRANCH == 'main'\n      variables: {DEPLOY: prod}\n"
+                 "deploy: {script: [x], rules: [{if: $DEPLOY == 'prod'}]}\n"
+                 "other: {script: [x], rules: [{if: $DEPLOY == 'none'}]}\n")
+    assert names(p.jobs) == ["deploy"] and p.job("deploy").variables["DEPLOY"] == "prod"
+
+
+@pytest.mark.parametrize(("workflow", "message"), [
+    ("workflow: {rules: [{when: manual}]}", "workflow:rules:rule when unknown value: manual"),
+    ("workflow: {rulez: []}", "workflow config contains unknown keys"),
+    ("workflow: {rules: {if: $X}}", "workflow:rules config should be an array of hashes"),
+])
+def test_workflow_shape_errors(tmp_path: Path, workflow: str, message: str) -> None:
+    """ci/yaml "workflow:rules": only always or never, only documented keys."""
+    with pytest.raises(CIError, match=message):
+        pipeline(tmp_path, f"{workflow}\njob: {{script: [x]}}\n")
+
+
+def test_every_job_excluded_is_said_and_exits_2(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """ci/yaml "rules": a pipeline whose jobs are all excluded has no jobs; `kata-ci run`
+    says GitLab's "No stages / jobs for this pipeline." and exits 2."""
+    (tmp_path / "cfg.toml").write_text("")
+    monkeypatch.setenv("KATA_CI_CONFIG", str(tmp_path / "cfg.toml"))
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / ".gitlab-ci.yml").write_text("a: {script: [x], rules: [{if: $NO}]}\n")
+    for args in ([], ["--pipeline"]):
+        result = CliRunner().invoke(main, ["run", "-C", str(tmp_path / "ws"), *args])
+        assert result.exit_code == 2 and "No stages / jobs for this pipeline." in result.stderr
+
+
+def test_manual_jobs_and_their_dependents(tmp_path: Path) -> None:
+    """ci/jobs/job_control.md "Create a job that must be run manually": --manual triggers a
+    manual job in a pipeline run; a job needing an untriggered manual job is an error naming
+    both; a job named on the command line runs even if manual."""
+    p = pipeline(tmp_path, "build: {script: [x]}\napprove: {script: [x], when: manual}\n"
+                 "release: {script: [x], needs: [approve]}\n")
+    with pytest.raises(UserError, match=r"job 'release' needs the manual job 'approve'.*"
+                                        r"--manual approve"):
+        select(p, [], False)
+    chosen = select(p, [], False, manual=["approve"])
+    assert names(chosen) == ["build", "approve", "release"]
+    assert p.job("approve").when == "on_success"
+    p = pipeline(tmp_path, "approve: {script: [x], when: manual}\n")
+    assert [j.when for j in select(p, ["approve"], False)] == ["on_success"]
+    with pytest.raises(UserError, match="not manual"):
+        select(pipeline(tmp_path, "a: {script: [x]}\n"), [], False, manual=["a"])
+
+
+def test_parallel_instance_names_and_node_variables(tmp_path: Path) -> None:
+    """ci/yaml "parallel" and "parallel:matrix": instances are `job 1/2` and `job: [a, x]`;
+    CI_NODE_INDEX/CI_NODE_TOTAL are set for both forms; `job: [1/2]` names `job 1/2`."""
+    p = pipeline(tmp_path, "n: {script: [x], parallel: 2}\n"
+                 "m: {script: [x], parallel: {matrix: [{P: [a, b], Q: x}, {P: c}]}}\n")
+    assert names(p.jobs) == ["n 1/2", "n 2/2", "m: [a, x]", "m: [b, x]", "m: [c]"]
+    assert [(j.variables["CI_NODE_INDEX"], j.variables["CI_NODE_TOTAL"]) for j in p.jobs] == [
+        ("1", "2"), ("2", "2"), ("1", "3"), ("2", "3"), ("3", "3")]
+    assert names(p.named("n: [1/2]")) == ["n 1/2"] and names(p.named("n")) == ["n 1/2",
+                                                                                "n 2/2"]
+    assert names(p.named("m: [b, x]")) == ["m: [b, x]"]
+
+
+def test_predefined_variables_a_checkout_can_supply(tmp_path: Path) -> None:
+    """ci/variables/predefined_variables.md: the variables a local run can know are set."""
+    variables = predefined_variables(tmp_path)
+    for name in ("CI", "GITLAB_CI", "CI_PROJECT_DIR", "CI_COMMIT_SHA", "CI_COMMIT_SHORT_SHA",
+                 "CI_COMMIT_REF_NAME", "CI_COMMIT_REF_SLUG", "CI_COMMIT_BEFORE_SHA",
+                 "CI_PIPELINE_ID", "CI_PIPELINE_IID", "CI_PIPELINE_SOURCE", "CI_JOB_ID",
+                 "CI_PROJECT_NAMESPACE", "CI_PROJECT_PATH_SLUG", "CI_DEFAULT_BRANCH",
+                 "CI_CONFIG_PATH", "CI_PIPELINE_CREATED_AT", "CI_COMMIT_REF_PROTECTED"):
+        assert name in variables, name
+    assert variables["CI_COMMIT_BEFORE_SHA"] == "0" * 40
+    job = pipeline(tmp_path, "Build Docs: {script: [x]}\n").job("Build Docs")
+    assert job.variables["CI_JOB_NAME_SLUG"] == "build-docs"
+
+
+def test_delayed_job_runs_with_a_note(tmp_path: Path) -> None:
+    """ci/yaml "when:delayed" with start_in: kata-ci runs the job without waiting, and says
+    so."""
+    job = pipeline(tmp_path, "j: {script: [x], when: delayed, start_in: 5 minutes}\n").job("j")
+    assert job.when == "delayed" and any("without waiting" in n for n in job.notes)

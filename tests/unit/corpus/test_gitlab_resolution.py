@@ -1,0 +1,229 @@
+"""GitLab CI files resolved as GitLab documents it: `!reference`, hidden keys, `include:
+local`, keyword validation, the merged view (`kata-ci ci config`). Each case is an example
+of the doc section its docstring names (docs.gitlab.com/ci/yaml/...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from kata_ci.runner.cli.app import main
+from kata_ci.runner.gitlab.ci_file import CIError, Pipeline, load
+from kata_ci.runner.gitlab.merge import resolve
+
+MAIN = {"CI_COMMIT_BRANCH": "main", "CI_DEFAULT_BRANCH": "main", "CI_COMMIT_REF_NAME": "main",
+        "CI_PIPELINE_SOURCE": "push"}
+
+
+def pipeline(tmp_path: Path, text: str, files: dict[str, str] | None = None,
+             variables: dict[str, str] | None = None) -> Pipeline:
+    for name, body in (files or {}).items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(body)
+    (tmp_path / ".gitlab-ci.yml").write_text(text)
+    return load(tmp_path / ".gitlab-ci.yml", tmp_path, {**MAIN, **(variables or {})})
+
+
+def job(p: Pipeline, name: str) -> dict[str, object]:
+    found = p.job(name)
+    return {"script": found.script, "before": found.before_script, "vars": found.variables,
+            "when": found.when, "needs": found.needs}
+
+
+def test_reference_to_a_hidden_list_in_rules(tmp_path: Path) -> None:
+    """yaml_optimization.md "!reference tags": a hidden key holding a list of rules is
+    referenced inside a job's rules list, and its rules are used in place."""
+    p = pipeline(tmp_path, ".rules:\n  - if: $CI_COMMIT_BRANCH == 'other'\n"
+                 "    when: never\n  - when: manual\n"
+                 "job:\n  rules:\n    - !reference [.rules]\n  script: echo\n")
+    assert job(p, "job")["when"] == "manual"
+
+
+def test_reference_to_a_hidden_scalar_and_nested_references(tmp_path: Path) -> None:
+    """yaml_optimization.md "!reference tags": references may point at scalars and nest (a
+    referenced list itself holding references); nested script arrays are flattened."""
+    p = pipeline(tmp_path, ".greeting: hello\n.setup:\n  - echo one\n  - !reference [.more]\n"
+                 ".more:\n  - echo two\n"
+                 "job:\n  variables:\n    WORD: !reference [.greeting]\n"
+                 "  script:\n    - !reference [.setup]\n    - echo three\n")
+    assert job(p, "job")["script"] == ["echo one", "echo two", "echo three"]
+    assert p.job("job").variables["WORD"] == "hello"
+
+
+def test_references_in_default_and_top_level_scripts(tmp_path: Path) -> None:
+    """yaml_optimization.md "!reference tags" with ci/yaml "default": a reference in
+    default:before_script and in the deprecated top-level after_script is resolved."""
+    p = pipeline(tmp_path, ".s: {pre: [echo pre], post: [echo post]}\n"
+                 "default:\n  before_script: !reference [.s, pre]\n"
+                 "after_script:\n  - !reference [.s, post]\n"
+                 "job: {script: [echo main]}\n")
+    assert job(p, "job")["before"] == ["echo pre"]
+    assert p.job("job").after_script == ["echo post"]
+
+
+def test_reference_sees_the_extended_job(tmp_path: Path) -> None:
+    """yaml_optimization.md "Use extends and include together"/"!reference tags": extends is
+    merged first, so a reference to a job's key sees what that job inherited."""
+    p = pipeline(tmp_path, ".base: {script: [echo base]}\n"
+                 "a: {extends: .base}\n"
+                 "b: {script: [!reference [a, script], echo b]}\n")
+    assert job(p, "b")["script"] == ["echo base", "echo b"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (".a: !reference [.b]\n.b: !reference [.a]\njob: {script: [!reference [.a]]}\n",
+     "is part of a circular chain"),
+    ("job: {script: [!reference [.missing, script]]}\n", "could not be found"),
+    ("job: {script: !reference [job, script]}\n", "is part of a circular chain"),
+    ("job: {script: [!reference []]}\n", "must be a list of key names"),
+])
+def test_bad_references_are_errors(tmp_path: Path, text: str, message: str) -> None:
+    """yaml_optimization.md "!reference tags": a cycle or a missing target is an error in
+    GitLab's words, never a crash."""
+    with pytest.raises(CIError, match=message):
+        pipeline(tmp_path, text)
+
+
+def test_script_nesting_beyond_ten_levels_is_refused(tmp_path: Path) -> None:
+    """ci/yaml "script": a nested array of strings up to 10 levels deep; deeper is refused
+    with GitLab's message."""
+    deep = "x"
+    for _ in range(11):
+        deep = f"[{deep}]"
+    with pytest.raises(CIError, match="up to 10 levels deep"):
+        pipeline(tmp_path, f"job: {{script: {deep}}}\n")
+    ok = "x"
+    for _ in range(9):
+        ok = f"[{ok}]"
+    assert job(pipeline(tmp_path, f"job: {{script: {ok}}}\n"), "job")["script"] == ["x"]
+
+
+@pytest.mark.parametrize("include", [
+    "include: ci/a.yml", "include: [ci/a.yml]", "include: [{local: ci/a.yml}]",
+    "include: {local: /ci/a.yml}", "include: {local: ./ci/a.yml}", "include: 'ci/*.yml'",
+    "include: '**/a.yml'", "include: ci/$DIR_NAME.yml", "include: 'ci/${DIR_NAME}.yml'",
+])
+def test_include_local_forms(tmp_path: Path, include: str) -> None:
+    """ci/yaml "include:local": the string and list shorthands, a path from the root (/ or
+    ./), wildcards and variables in the path include the file."""
+    p = pipeline(tmp_path, f"{include}\nmain: {{script: [echo]}}\n",
+                 {"ci/a.yml": "from_include: {script: [echo included]}\n"},
+                 {"DIR_NAME": "a"})
+    assert [j.name for j in p.jobs] == ["from_include", "main"]
+
+
+def test_including_file_wins_and_nested_includes(tmp_path: Path) -> None:
+    """ci/yaml "include" ("merge method"): keys of the including file override the included
+    ones; an included file can include others."""
+    p = pipeline(tmp_path, "include: ci/a.yml\njob: {variables: {A: main}}\n",
+                 {"ci/a.yml": "include: ci/b.yml\njob: {script: [echo], variables: {A: a}}\n",
+                  "ci/b.yml": "deep: {script: [echo deep]}\n"})
+    assert p.job("job").variables["A"] == "main" and p.job("deep").script == ["echo deep"]
+
+
+@pytest.mark.parametrize(("include", "message"), [
+    ("ci/missing.yml", "Local file `ci/missing.yml` does not exist!"),
+    ("ci/$NOPE.yml", "Local file `ci/$NOPE.yml` does not exist!"),
+    ("../outside.yml", "leaves the project"),
+    ("ci/a.txt", "does not have YAML extension!"),
+    ("{remote: 'https://example.com/x.yml'}", "cannot be fetched here"),
+    ("{local: x.yml, inputs: {a: 1}}", "not supported"),
+])
+def test_include_errors(tmp_path: Path, include: str, message: str) -> None:
+    """ci/yaml "include:local": a missing file is GitLab's "Local file ... does not exist!",
+    paths stay in the project, files need a YAML extension, remote ones are not fetched."""
+    with pytest.raises(CIError, match=r"\.gitlab-ci\.yml:1: .*" + message.replace(
+            "$", r"\$").replace("!", "!").replace(".", r"\.")):
+        pipeline(tmp_path, f"include: {include}\njob: {{script: [x]}}\n",
+                 {"ci/a.txt": "x: 1\n"})
+
+
+def test_include_rules_with_if(tmp_path: Path) -> None:
+    """includes.md "Use rules with include": an include whose rules do not match is left
+    out."""
+    p = pipeline(tmp_path, "include:\n  - local: ci/a.yml\n    rules:\n"
+                 "      - if: $CI_COMMIT_BRANCH == 'release'\n"
+                 "main: {script: [echo]}\n",
+                 {"ci/a.yml": "extra: {script: [echo]}\n"})
+    assert [j.name for j in p.jobs] == ["main"]
+
+
+def test_include_self_loop_hits_the_limit(tmp_path: Path) -> None:
+    """ci/yaml "include": GitLab caps includes ("Maximum of 150 nested includes are
+    allowed!"); a file including itself stops there instead of recursing forever."""
+    with pytest.raises(CIError, match=r"nested includes|nesting depth"):
+        pipeline(tmp_path, "include: ci/a.yml\njob: {script: [x]}\n",
+                 {"ci/a.yml": "include: ci/a.yml\n"})
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("{script: [x], when: never}", "when unknown value: never"),
+    ("{script: [x], rules: [{if: $X}], only: [main]}", "may not be used with `rules`: only"),
+    ("{script: [x], rules: [{iff: $X}]}", "rules:rule config contains unknown keys: iff"),
+    ("{script: [x], rules: {if: $X}}", "rules config should be an array of hashes"),
+    ("{script: [x], needs: build}", "needs config should be an array"),
+    ("{script: [x], parallel: 201}", "less than or equal to 200"),
+    ("{script: [x], parallel: {matrix: [{A: [1, 2]}], x: 1}}", "matrix config should be"),
+    ("{script: [x], allow_failure: {exit_codes: [one]}}", "exit_codes should be"),
+    ("{script: [x], variables: [A]}", "should be a hash of key value pairs"),
+    ("{script: {a: 1}}", "script config should be a string or a nested array"),
+    ("{stage: test}", "should implement the script: or a trigger: keyword"),
+    ("{script: [x], stage: [test]}", "stage config should be a string"),
+    ("{script: [x], extends: [1]}", "extends should be a string or an array of strings"),
+    ("{script: [x], inherit: {default: 1}}", "inherit:default config should be"),
+    ("{script: [x], when: delayed}", "start in should be a duration"),
+])
+def test_keywords_validated_as_gitlab_validates(tmp_path: Path, body: str,
+                                                message: str) -> None:
+    """ci/yaml, each keyword's "Possible inputs": a value GitLab rejects is refused with
+    file:line, the job and GitLab's wording (when: never only inside rules)."""
+    with pytest.raises(CIError, match=r"\.gitlab-ci\.yml:1: jobs:job.*" + message.replace(
+            "[", r"\[").replace("`", "`").replace(":", ":")):
+        pipeline(tmp_path, f"job: {body}\n")
+
+
+def test_yaml_bomb_is_refused(tmp_path: Path) -> None:
+    """ci/yaml limits ("max_yaml_depth"/size): aliases that expand into billions of values
+    are refused before anything walks them."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        lines.append(f".a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    with pytest.raises(CIError, match="too big"):
+        pipeline(tmp_path, "\n".join(lines) + "\njob: {script: [x], variables: {A: *a8}}\n")
+
+
+def test_ci_config_prints_the_merged_configuration(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """pipeline_editor "View full configuration": includes, extends, !reference and default:
+    resolved in the printed YAML; hidden keys left out."""
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "ci" / "t.yml").write_text(".tpl: {stage: build, script: [echo tpl]}\n")
+    (tmp_path / ".gitlab-ci.yml").write_text(
+        "include: ci/t.yml\ndefault: {before_script: [echo before]}\n.s: [echo ref]\n"
+        "build: {extends: .tpl}\ntest: {script: [!reference [.s], echo own]}\n")
+    result = CliRunner().invoke(main, ["ci", "config", "-C", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    merged = yaml.safe_load(result.stdout)
+    assert merged["build"] == {"before_script": ["echo before"], "stage": "build",
+                               "script": ["echo tpl"]}
+    assert merged["test"]["script"] == [["echo ref"], "echo own"]
+    assert not any(k.startswith(".") for k in merged) and "include" not in merged
+
+
+def test_ci_config_errors_exit_2(tmp_path: Path) -> None:
+    """A file GitLab rejects: `ci config` exits 2 with file:line, never a traceback."""
+    (tmp_path / ".gitlab-ci.yml").write_text("job: {script: [x], when: never}\n")
+    result = CliRunner().invoke(main, ["ci", "config", "-C", str(tmp_path)])
+    assert result.exit_code == 2 and ".gitlab-ci.yml:1: jobs:job when unknown value: never" \
+        in result.stderr
+
+
+def test_resolve_keeps_templates_for_references(tmp_path: Path) -> None:
+    """yaml_optimization.md "Hide jobs": hidden keys are templates (kept for references, not
+    jobs)."""
+    (tmp_path / ".gitlab-ci.yml").write_text(".t: [a]\njob: {script: [x]}\n")
+    merged = resolve(tmp_path / ".gitlab-ci.yml", tmp_path, MAIN)
+    assert list(merged.jobs) == ["job"] and merged.templates[".t"] == ["a"]
