@@ -69,6 +69,9 @@ def discover(workspace: Path, gitlab_ci: Path | None, workflow: Path | None,
     # to a host file, or a fifo (beneath refuses both, with the path in the message).
     present = gitlab_ci is not None or (gitlab_path is not None
                                          and beneath.exists(workspace, GITLAB_FILE))
+    if gitlab_path is not None:
+        rel = beneath.relative(workspace, gitlab_path)
+        predefined["CI_CONFIG_PATH"] = str(rel) if rel is not None else str(gitlab_path)
     gitlab = load(gitlab_path, workspace, {**predefined, **user}, repo.changed) \
         if gitlab_path is not None and present else None
     if workflow is not None:
@@ -111,7 +114,8 @@ def list_jobs(found: Found, console: Console) -> None:
             "" if runs else f" — not triggered by {found.event}")
         table = Table("job", "needs", "if", title=escape(title))
         for gh_job in workflow.jobs:
-            table.add_row(escape(gh_job.name), escape(", ".join(gh_job.needs) or "-"),
+            deferred = " (matrix when its needs end)" if gh_job.matrix_source is not None else ""
+            table.add_row(escape(gh_job.name + deferred), escape(", ".join(gh_job.needs) or "-"),
                           escape(gh_job.if_ or ""))
         console.print(table)
     console.print("run one: kata-ci run JOB   all: kata-ci run --pipeline   "
