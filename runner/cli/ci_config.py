@@ -1,15 +1,17 @@
 """`kata-ci ci config`: the pipeline as GitLab merges it, printed as YAML.
 
 Like the "Full configuration" tab of GitLab's pipeline editor: `include: local` files merged,
-`extends` and `!reference` resolved, `default:` applied to every job. Hidden keys (`.name`)
-are left out, as there: they are templates, not part of the pipeline. Rules are not
-evaluated: every job is shown, whatever the branch.
+`extends` and `!reference` resolved, keys in the order of the merged file, hidden keys
+(`.name`) kept as GitLab's merged view keeps them (resolved), `.pre`/`.post` around the
+stages as GitLab injects them. Beyond that view, `default:` is also applied to every job
+(what each job really gets). Rules are not evaluated: every job is shown, whatever the branch.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import yaml
@@ -67,6 +69,17 @@ def config(workspace: Path, gitlab_ci: Path | None, var_items: tuple[str, ...]) 
     except UserError as exc:
         err.print(f"[bold red]kata-ci:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
-    document = {**merged.data, **merged.jobs}
+    document: dict[str, Any] = {}
+    for key in merged.order:
+        if key in merged.jobs:
+            document[key] = merged.jobs[key]
+        elif key in merged.templates:
+            document[key] = merged.templates[key]
+        elif key in merged.data:
+            document[key] = merged.data[key]
+    document.update((k, v) for k, v in merged.data.items() if k not in document)  # default:
+    if isinstance(document.get("stages"), list):
+        document["stages"] = [".pre", *[s for s in document["stages"]
+                                        if s not in (".pre", ".post")], ".post"]
     sys.stdout.write(yaml.dump(document, Dumper=_Dumper, sort_keys=False,
                                allow_unicode=True, default_flow_style=False))

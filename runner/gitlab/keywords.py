@@ -21,3 +21,11 @@ RULE_KEYS = {"if", "changes", "exists", "when", "allow_failure", "variables", "n
              "start_in", "interruptible"}
 WORKFLOW_KEYS = {"rules", "name", "auto_cancel"}
 WORKFLOW_RULE_KEYS = {"if", "changes", "exists", "when", "variables", "auto_cancel"}
+# Predefined variables GitLab gives jobs only (predefined_variables.md, "Job-only"): not
+# available to `include` or `rules`.
+JOB_ONLY = {"CI_BUILDS_DIR", "CI_PROJECT_DIR", "CI_JOB_ID", "CI_JOB_URL", "CI_JOB_STARTED_AT",
+            "CI_JOB_STATUS", "CI_JOB_TIMEOUT", "CI_JOB_TOKEN", "CI_PIPELINE_ID",
+            "CI_PIPELINE_URL", "CI_SERVER", "CI_REPOSITORY_URL", "CI_REGISTRY_USER",
+            "CI_REGISTRY_PASSWORD", "CI_DEPLOY_USER", "CI_DEPLOY_PASSWORD",
+            "CI_TRIGGER_SHORT_TOKEN"}
+JOB_ONLY_PREFIXES = ("CI_RUNNER_", "CI_CONCURRENT_")

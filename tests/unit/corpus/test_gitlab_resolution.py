@@ -160,7 +160,19 @@ def test_include_self_loop_hits_the_limit(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("body", "message"), [
-    ("{script: [x], when: never}", "when unknown value: never"),
+    ("{script: [x], when: never}", "when should be one of: on_success, on_failure, always, "
+     "manual, delayed"),
+    ("{script: [x], when: [never]}", "when should be one of"),
+    ("{script: [x], rules: [{when: {a: 1}}]}", "rules:rule when unknown value"),
+    ("{script: [x], only: {refs: 1}}", "only config should be an array of strings or regular"),
+    ("{script: [x], except: ['/(/']}", "except config should be an array of strings or reg"),
+    ("{script: [x], timeout: 'soon'}", "timeout config should be a duration"),
+    ("{script: [x], start_in: 1 hour}", "start in must be blank"),
+    ("{script: [x], when: delayed, start_in: 2 weeks}", "start in should not exceed the limit"),
+    ("{script: [x], rules: [{changes: {paths: 1}}]}", "rules:rule:changes config should be"),
+    ("{script: [x], retry: 3}", "retry config should be an integer between 0 and 2"),
+    ("{script: [x], tags: docker}", "tags config should be an array of strings"),
+    ("{script: [x], run: [], }", "these keys cannot be used together: script, run"),
     ("{script: [x], rules: [{if: $X}], only: [main]}", "may not be used with `rules`: only"),
     ("{script: [x], rules: [{iff: $X}]}", "rules:rule config contains unknown keys: iff"),
     ("{script: [x], rules: {if: $X}}", "rules config should be an array of hashes"),
@@ -170,7 +182,7 @@ def test_include_self_loop_hits_the_limit(tmp_path: Path) -> None:
     ("{script: [x], allow_failure: {exit_codes: [one]}}", "exit_codes should be"),
     ("{script: [x], variables: [A]}", "should be a hash of key value pairs"),
     ("{script: {a: 1}}", "script config should be a string or a nested array"),
-    ("{stage: test}", "should implement the script: or a trigger: keyword"),
+    ("{stage: test}", "should implement the script:, run:, or trigger: keyword"),
     ("{script: [x], stage: [test]}", "stage config should be a string"),
     ("{script: [x], extends: [1]}", "extends should be a string or an array of strings"),
     ("{script: [x], inherit: {default: 1}}", "inherit:default config should be"),
@@ -198,7 +210,8 @@ def test_yaml_bomb_is_refused(tmp_path: Path) -> None:
 def test_ci_config_prints_the_merged_configuration(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """pipeline_editor "View full configuration": includes, extends, !reference and default:
-    resolved in the printed YAML; hidden keys left out."""
+    resolved in the printed YAML, keys in file order, hidden keys kept (resolved) as GitLab's
+    merged view shows them."""
     (tmp_path / "ci").mkdir()
     (tmp_path / "ci" / "t.yml").write_text(".tpl: {stage: build, script: [echo tpl]}\n")
     (tmp_path / ".gitlab-ci.yml").write_text(
@@ -210,15 +223,16 @@ def test_ci_config_prints_the_merged_configuration(tmp_path: Path,
     assert merged["build"] == {"before_script": ["echo before"], "stage": "build",
                                "script": ["echo tpl"]}
     assert merged["test"]["script"] == [["echo ref"], "echo own"]
-    assert not any(k.startswith(".") for k in merged) and "include" not in merged
+    assert list(merged) == [".tpl", "default", ".s", "build", "test"]
+    assert merged[".s"] == ["echo ref"] and "include" not in merged
 
 
 def test_ci_config_errors_exit_2(tmp_path: Path) -> None:
     """A file GitLab rejects: `ci config` exits 2 with file:line, never a traceback."""
     (tmp_path / ".gitlab-ci.yml").write_text("job: {script: [x], when: never}\n")
     result = CliRunner().invoke(main, ["ci", "config", "-C", str(tmp_path)])
-    assert result.exit_code == 2 and ".gitlab-ci.yml:1: jobs:job when unknown value: never" \
-        in result.stderr
+    assert result.exit_code == 2 and ".gitlab-ci.yml:1: jobs:job when should be one of: " \
+        in result.stderr and "Traceback" not in result.output
 
 
 def test_resolve_keeps_templates_for_references(tmp_path: Path) -> None:
@@ -227,3 +241,110 @@ def test_resolve_keeps_templates_for_references(tmp_path: Path) -> None:
     (tmp_path / ".gitlab-ci.yml").write_text(".t: [a]\njob: {script: [x]}\n")
     merged = resolve(tmp_path / ".gitlab-ci.yml", tmp_path, MAIN)
     assert list(merged.jobs) == ["job"] and merged.templates[".t"] == ["a"]
+
+
+def test_reference_chains_in_rules_and_stages_are_flattened(tmp_path: Path) -> None:
+    """yaml_optimization.md "!reference tags" with ci/yaml "rules" and "stages": a referenced
+    list holding a reference to another list nests; rules and stages take it flattened."""
+    p = pipeline(tmp_path, ".r1: [{if: $CI_COMMIT_BRANCH == 'main', when: manual}]\n"
+                 ".r2: [!reference [.r1], {when: never}]\n.late: [check, ship]\n"
+                 "stages: [build, !reference [.late]]\n"
+                 "job: {stage: ship, script: [x], rules: [!reference [.r2]]}\n")
+    assert p.stages == [".pre", "build", "check", "ship", ".post"]
+    assert job(p, "job")["when"] == "manual"
+
+
+def test_a_job_written_as_one_reference(tmp_path: Path) -> None:
+    """yaml_optimization.md "!reference tags": a whole job may be a reference to a hidden
+    hash (resolved after extends, then validated as a job)."""
+    p = pipeline(tmp_path, ".tpl: {script: [echo tpl]}\njob: !reference [.tpl]\n")
+    assert job(p, "job")["script"] == ["echo tpl"]
+    with pytest.raises(CIError, match="jobs:job config should be a hash"):
+        pipeline(tmp_path, ".tpl: [a]\njob: !reference [.tpl]\n")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (".b: {script: [y]}\n.base: {extends: .b}\njob: {extends: !reference [.base, extends]}\n",
+     "jobs:job:extends should be a string or an array of strings"),
+    (".x: [a.yml]\ninclude: !reference [.x]\njob: {script: [x]}\n",
+     "a !reference is resolved after includes"),
+])
+def test_references_are_resolved_after_include_and_extends(tmp_path: Path, text: str,
+                                                           message: str) -> None:
+    """yaml_optimization.md "!reference tags" / "Use extends and include together": includes
+    and extends come first, so a !reference in `include` or `extends` is refused, never
+    read as file or job names."""
+    with pytest.raises(CIError, match=message):
+        pipeline(tmp_path, text)
+
+
+def test_reference_bomb_is_refused(tmp_path: Path) -> None:
+    """yaml_optimization.md "!reference tags" (10 levels): lists referencing each other ten
+    times over would expand to billions of values; refused, not walked."""
+    lines = [".a0: [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 8):
+        lines.append(f".a{i}: [" + ", ".join([f"!reference [.a{i - 1}]"] * 10) + "]")
+    with pytest.raises(CIError, match="too big once `extends` and `!reference` are resolved"):
+        pipeline(tmp_path, "\n".join(lines) + "\njob: {script: [!reference [.a7]]}\n")
+
+
+def test_extends_levels_and_long_chains(tmp_path: Path) -> None:
+    """ci/yaml "extends": up to eleven levels of inheritance; deeper, however long the
+    chain, is GitLab's "nesting too deep in `extends`" (no RecursionError)."""
+    def chain(n: int) -> str:
+        return ".t0: {script: [x]}\n" + "".join(
+            f".t{i}: {{extends: .t{i - 1}}}\n" for i in range(1, n)) + \
+            f"job: {{extends: .t{n - 1}}}\n"
+    assert job(pipeline(tmp_path, chain(11)), "job")["script"] == ["x"]
+    for n in (12, 2000):
+        with pytest.raises(CIError, match="nesting too deep in `extends`"):
+            pipeline(tmp_path, chain(n))
+
+
+@pytest.mark.parametrize(("include", "jobs"), [
+    ("configs/*.yml", ["top", "main"]),
+    ("configs/**.yml", ["sub", "top", "main"]),
+    ("configs/**/*.yml", ["sub", "main"]),
+    ("nothing/*.yml", ["main"]),
+])
+def test_include_wildcards_as_gitlab_matches(tmp_path: Path, include: str,
+                                             jobs: list[str]) -> None:
+    """includes.md "Use include:local with wildcard file paths": `*` stays in a folder,
+    `configs/**.yml` takes subfolders too, `configs/**/*.yml` only subfolders."""
+    p = pipeline(tmp_path, f"include: '{include}'\nmain: {{script: [echo]}}\n",
+                 {"configs/top.yml": "top: {script: [x]}\n",
+                  "configs/deeper/sub.yml": "sub: {script: [x]}\n"})
+    assert [j.name for j in p.jobs] == jobs
+
+
+def test_include_empty_file_and_exists_rules(tmp_path: Path) -> None:
+    """ci/yaml "include:local" (an empty file is GitLab's "Local file ... is empty!") and
+    includes.md "include with rules:exists"."""
+    with pytest.raises(CIError, match=r"Local file `e\.yml` is empty!"):
+        pipeline(tmp_path, "include: e.yml\njob: {script: [x]}\n", {"e.yml": "\n"})
+    text = ("include:\n  - local: a.yml\n    rules: [{exists: [marker.txt]}]\n"
+            "main: {script: [x]}\n")
+    assert [j.name for j in pipeline(tmp_path, text, {"a.yml": "extra: {script: [x]}\n"})
+            .jobs] == ["main"]
+    (tmp_path / "marker.txt").write_text("")
+    assert [j.name for j in pipeline(tmp_path, text).jobs] == ["extra", "main"]
+
+
+def test_include_paths_use_no_job_only_variables(tmp_path: Path) -> None:
+    """includes.md "Use variables with include" / predefined_variables.md "Variable
+    availability": job-only variables such as CI_PROJECT_DIR are not expanded in include."""
+    with pytest.raises(CIError, match=r"Local file `\$CI_PROJECT_DIR/a.yml` does not exist!"):
+        pipeline(tmp_path, "include: $CI_PROJECT_DIR/a.yml\njob: {script: [x]}\n",
+                 {"a.yml": "x: {script: [x]}\n"}, {"CI_PROJECT_DIR": ""})
+
+
+def test_include_link_out_of_the_project_is_refused(tmp_path: Path) -> None:
+    """ci/yaml "include:local" (files of the same repository): a link leaving the project is
+    refused and its target never read."""
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.yml"
+    outside.write_text("stolen: {script: [x]}\n")
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "ci" / "a.yml").symlink_to(outside)
+    with pytest.raises(CIError) as caught:
+        pipeline(tmp_path, "include: ci/a.yml\njob: {script: [x]}\n")
+    assert "stolen" not in str(caught.value)
