@@ -57,6 +57,7 @@ GIT_TIMEOUT = 60.0  # one git command; a huge worktree diff stays well under it
 MAX_SMALL = 4096  # HEAD and one loose ref: 41 bytes, or `ref: <name>`
 MAX_PACKED = 64 << 20  # packed-refs, shallow
 MAX_INDEX = 512 << 20  # the largest monorepo indexes are ~100 MB
+MAX_MESSAGE = 64 << 10  # a commit message passed to every job's environment
 MAX_REFS = 100_000  # loose ref files and directories copied
 MAX_OBJECT_ENTRIES = 4_000_000  # entries walked when checking the object store
 MAX_DEPTH = 32
@@ -100,6 +101,9 @@ class RepoSnapshot:
     tag: str = ""  # a tag exactly at HEAD, looked up when detached
     default_branch: str = ""  # origin's HEAD, else main or master if they exist
     title: str = ""  # HEAD's subject line
+    message: str = ""  # HEAD's full message (bounded, no NUL: it becomes an env value)
+    author: str = ""  # `Name <email>` of HEAD's author
+    timestamp: str = ""  # HEAD's committer date, ISO 8601 (strict)
     changed: tuple[str, ...] | None = None  # worktree vs HEAD~1; None: unknown (all changed)
     notice: str = ""  # why some facts could not be read safely, for the user
 
@@ -383,6 +387,15 @@ def _facts(git: Git, changes: bool, notice: str) -> RepoSnapshot:
         (b for b in ("main", "master") if git("rev-parse", "--verify", "--quiet", b)), "")
     title = git("log", "-1", "--format=%s", "--no-show-signature", "--no-notes", "HEAD",
                 "--") if sha else ""
+    message = author = timestamp = ""
+    if sha:  # one more question of the same git: %x00 cannot occur in the author or date
+        out = git.raw("log", "-1", "--format=%an <%ae>%x00%cI%x00%B", "--no-show-signature",
+                      "--no-notes", "HEAD", "--")
+        parts = (out or b"").split(b"\0", 2)
+        if len(parts) == 3:
+            author, timestamp, message = (
+                p[:MAX_MESSAGE].decode("utf-8", "replace").replace("\0", "") for p in parts)
+            message = message.rstrip("\n")  # the newlines git's message and format end with
     changed = None
     if changes and sha:
         diff = git.raw("diff", "--name-only", "-z", "--no-ext-diff", "--no-textconv",
@@ -390,4 +403,5 @@ def _facts(git: Git, changes: bool, notice: str) -> RepoSnapshot:
         changed = None if diff is None else tuple(
             os.fsdecode(name) for name in diff.split(b"\0") if name)
     return RepoSnapshot(sha=sha, branch=branch, tag=tag, default_branch=default,
-                        title=title, changed=changed, notice=notice)
+                        title=title, message=message, author=author, timestamp=timestamp,
+                        changed=changed, notice=notice)

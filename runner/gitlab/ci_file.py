@@ -31,8 +31,17 @@ __all__ = ["CIError", "CIJob", "Pipeline", "load", "merged_jobs", "parse_duratio
 
 
 def slug(text: str) -> str:
-    """GitLab's *_SLUG: lowercased, runs of other characters as `-`, at most 63 bytes."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:63]
+    """GitLab's *_SLUG (predefined_variables.md, CI_COMMIT_REF_SLUG): lowercased, every other
+    character as `-`, cut to 63 bytes, then no leading or trailing `-` (Gitlab::Utils.slugify
+    cuts before it strips, so a cut never leaves a trailing `-`)."""
+    return re.sub(r"[^a-z0-9]", "-", text.lower())[:63].strip("-")
+
+
+def variants_of(jobs: Sequence[CIJob], base: str) -> list[str]:
+    """The instances of the parallel job ``base`` (`base 1/2`, `base: [a, b]`), not jobs that
+    merely start with its name (`build docs` is not an instance of `build`)."""
+    pattern = re.compile(re.escape(base) + r"(?: \d+/\d+|: \[.*\])", re.S)
+    return [j.name for j in jobs if pattern.fullmatch(j.name)]
 
 
 @dataclass
@@ -55,6 +64,8 @@ class CIJob:
     services: tuple[ServiceUse, ...] = ()  # likewise
     notes: list[str] = field(default_factory=list)  # what kata-ci does not honour, said on run
     optional: set[str] = field(default_factory=set)  # needs written with optional: true
+    # needs:parallel:matrix: an instance name -> {"": base job, variable: value, ...}
+    matrix_needs: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -75,13 +86,13 @@ class Pipeline:
     def named(self, name: str) -> list[CIJob]:
         """The job, or every variant of a parallel/matrix job by its base name. `job: [1/2]`
         names GitLab's `job 1/2` too (the spelling the matrix form uses)."""
-        alias = re.fullmatch(r"(.*): \[(\d+/\d+)\]", name)
+        alias = re.fullmatch(r"(.*): \[(\d+/\d+)\]", name, re.S)
         if alias and not any(j.name == name for j in self.jobs):
             name = f"{alias.group(1)} {alias.group(2)}"
-        variants = [j for j in self.jobs if j.name.startswith((f"{name}: [", f"{name} "))
-                    and j.name != name]
-        return variants if variants and not any(j.name == name for j in self.jobs) \
-            else [self.job(name)]
+        if any(j.name == name for j in self.jobs):
+            return [self.job(name)]
+        variants = set(variants_of(self.jobs, name))
+        return [j for j in self.jobs if j.name in variants] or [self.job(name)]
 
 
 def load(path: Path, project: Path, variables: Mapping[str, str],
@@ -121,7 +132,7 @@ def load(path: Path, project: Path, variables: Mapping[str, str],
                            changed):
             job.masked = sorted(masked)
             jobs.append(job)
-    check_needs(jobs, set(merged.jobs), path)
+    check_needs(jobs, set(merged.jobs), path, stages)
     empty = "" if jobs else "No stages / jobs for this pipeline."
     return Pipeline(path=path, stages=stages, jobs=jobs, empty=empty, name=str(title))
 
@@ -221,8 +232,9 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
             allow_failure = False
         if allow is not None:  # rules:allow_failure replaces the job's, exit_codes included
             allow_failure, codes = allow, []
+        matrix_needs: dict[str, dict[str, str]] = {}
         needs, optional = _needs(decision.needs if decision.needs is not None
-                                 else body.get("needs"), notes_here)
+                                 else body.get("needs"), notes_here, matrix_needs)
         own = {**job_vars, **decision.variables, **extra}
         jobs.append(CIJob(
             name=job_name, stage=stage,
@@ -233,7 +245,7 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
                        "CI_JOB_NAME_SLUG": slug(job_name),
                        **({"CI_NODE_INDEX": env["CI_NODE_INDEX"],
                            "CI_NODE_TOTAL": env["CI_NODE_TOTAL"]} if parallel else {})},
-            needs=needs, optional=optional,
+            needs=needs, optional=optional, matrix_needs=matrix_needs,
             when=when, allow_failure=bool(allow_failure) or (when == "manual" and "rules"
                                                              not in body),
             allow_exit_codes=codes, timeout=parse_duration(body.get("timeout"), where),
@@ -258,15 +270,21 @@ def parse_duration(value: Any, where: str) -> float | None:
     return total
 
 
-def _needs(raw: Any, notes: list[str]) -> tuple[list[str] | None, set[str]]:
+def _needs(raw: Any, notes: list[str],
+           matrix: dict[str, dict[str, str]]) -> tuple[list[str] | None, set[str]]:
     """Job names a job needs, and which of them are optional. A cross-project (`project:`)
-    or parent-pipeline (`pipeline:`) need cannot be met locally: noted and left out."""
+    or parent-pipeline (`pipeline:`) need cannot be met locally: noted and left out.
+    `needs:parallel:matrix` names instances: their names go in ``matrix`` with the variables
+    that pick them (GitLab matches by values, whatever the order of the keys)."""
     if raw is None:
         return None, set()
-    names, optional = [], set()
-    for need in raw:
+    names: list[str] = []
+    optional: set[str] = set()
+    for need in raw if isinstance(raw, list) else []:  # validate.py: needs is an array
         if isinstance(need, str):
             names.append(need)
+            continue
+        if not isinstance(need, dict):
             continue
         if "project" in need or "pipeline" in need:
             what = f"project {need.get('project')}" if "project" in need else \
@@ -274,40 +292,61 @@ def _needs(raw: Any, notes: list[str]) -> tuple[list[str] | None, set[str]]:
             notes.append(f"needs: {need.get('job', '')} from {what} is another pipeline's "
                          "job; kata-ci runs this pipeline only, so it is skipped")
             continue
-        names.append(need["job"])
-        if need.get("optional"):
-            optional.add(need["job"])
+        job = str(need.get("job", ""))
+        wanted = [job]
+        entries = need.get("parallel", {}).get("matrix") if isinstance(
+            need.get("parallel"), dict) else None
+        if isinstance(entries, list):
+            wanted = []
+            for entry in entries:
+                if not isinstance(entry, dict):
+                    continue
+                values = [v if isinstance(v, list) else [v] for v in entry.values()]
+                for combo in itertools.product(*values):
+                    label = f"{job}: [{', '.join(map(str, combo))}]"
+                    matrix[label] = {"": job, **dict(zip(map(str, entry), map(str, combo),
+                                                         strict=True))}
+                    wanted.append(label)
+        names.extend(wanted)
+        if need.get("optional") is True:
+            optional.update(wanted)
     return names, optional
 
 
-def _variants(jobs: list[CIJob], base: str) -> list[str]:
-    return [j.name for j in jobs if j.name.startswith((f"{base} ", f"{base}: ["))]
-
-
-def check_needs(jobs: list[CIJob], defined: set[str], path: Path) -> None:
+def check_needs(jobs: list[CIJob], defined: set[str], path: Path, stages: list[str]) -> None:
     """Needs resolved to the pipeline's job names (a parallel job: all its instances), as
-    GitLab checks them (doc: ci/yaml "needs", "needs:optional")."""
-    names = {j.name for j in jobs}
+    GitLab checks them (doc: ci/yaml "needs", "needs:optional", "needs:parallel:matrix"):
+    a needed job may be in the same or an earlier stage, never a later one."""
+    by_name = {j.name: j for j in jobs}
+    order = {s: i for i, s in enumerate(stages)}
     graph: dict[str, list[str]] = {}
     for job in jobs:
         if job.needs is None:
             continue
-        resolved = []
+        resolved: list[str] = []
         for need in job.needs:
-            if need in names:
-                resolved.append(need)
-            elif _variants(jobs, need):
-                resolved.extend(_variants(jobs, need))
+            found = [need] if need in by_name else variants_of(jobs, need)
+            pick = job.matrix_needs.get(need)
+            if pick is not None and not found:
+                found = [n for n in variants_of(jobs, pick[""]) if all(
+                    by_name[n].variables.get(k) == v for k, v in pick.items() if k)]
+            base = pick[""] if pick is not None else need
+            if found:
+                later = [n for n in found if order[by_name[n].stage] > order[job.stage]]
+                if later:
+                    raise CIError(f"{path}:{job.line}: {job.name} job: need {need} is not "
+                                  "defined in current or prior stages")
+                resolved.extend(n for n in found if n not in resolved)
             elif need in job.optional:
                 continue  # needs:optional: a job that is not in this pipeline is ignored
-            elif need in defined:
+            elif base in defined:
                 raise CIError(
                     f"{path}:{job.line}: '{job.name}' job needs '{need}' job, but '{need}' "
                     "does not exist in the pipeline. This might be because of the only, "
                     "except, or rules keywords. To need a job that sometimes does not exist "
                     "in the pipeline, use needs:optional.")
             else:
-                raise CIError(f"{path}:{job.line}: jobs:{job.name}: undefined need: {need}")
+                raise CIError(f"{path}:{job.line}: {job.name} job: undefined need: {need}")
         job.needs = resolved
         graph[job.name] = resolved
     cycle = find_cycle(graph)

@@ -47,23 +47,32 @@ def predefined_variables(project: Path, source: str = "push",
     ref = tag or branch
     pipeline_id = str(int(time.time()))
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    message = repo.message or repo.title
+    first, _, rest = message.partition("\n")
+    path = f"local/{project.name}"
     variables = {
         "CI": "true", "GITLAB_CI": "true", "CI_SERVER": "yes", "KATA_CI": "true",
         "CI_PROJECT_DIR": str(project), "CI_BUILDS_DIR": str(project.parent),
-        "CI_PROJECT_NAME": project.name, "CI_PROJECT_PATH": project.name,
+        "CI_PROJECT_NAME": project.name, "CI_PROJECT_PATH": path,
         "CI_COMMIT_SHA": sha, "CI_COMMIT_SHORT_SHA": sha[:8], "CI_COMMIT_REF_NAME": ref,
         "CI_COMMIT_REF_SLUG": slug(ref), "CI_DEFAULT_BRANCH": default,
         "CI_PIPELINE_SOURCE": source, "CI_PIPELINE_ID": pipeline_id,
-        "CI_COMMIT_TITLE": repo.title, "CI_COMMIT_MESSAGE": repo.title,
-        "CI_COMMIT_DESCRIPTION": "", "CI_COMMIT_BEFORE_SHA": "0" * 40,
-        "CI_COMMIT_REF_PROTECTED": "false", "CI_PIPELINE_IID": "1",
-        "CI_PIPELINE_CREATED_AT": started, "CI_JOB_STARTED_AT": started,
-        "CI_JOB_ID": pipeline_id, "CI_PIPELINE_URL": "", "CI_JOB_URL": "",
-        "CI_PROJECT_NAMESPACE": "local", "CI_PROJECT_ROOT_NAMESPACE": "local",
-        "CI_PROJECT_TITLE": project.name, "CI_PROJECT_PATH_SLUG": slug(project.name),
-        "CI_PROJECT_VISIBILITY": "private", "CI_CONFIG_PATH": ".gitlab-ci.yml",
-        "CI_SERVER_NAME": "GitLab", "CI_RUNNER_DESCRIPTION": "kata-ci run (local)",
-        "CI_RUNNER_TAGS": "[]", "CI_JOB_TRIGGERED": "false",
+        # TITLE: the full first line; DESCRIPTION: the message without it when the title is
+        # under 100 characters, else the whole message (predefined_variables.md)
+        "CI_COMMIT_TITLE": first, "CI_COMMIT_MESSAGE": message,
+        "CI_COMMIT_DESCRIPTION": rest if len(first) < 100 else message,
+        "CI_COMMIT_AUTHOR": repo.author, "CI_COMMIT_TIMESTAMP": repo.timestamp,
+        "CI_COMMIT_BEFORE_SHA": "0" * 40,  # what GitLab sets for a new branch's first push
+        # GitLab protects the default branch of a new project (protected_branches.md)
+        "CI_COMMIT_REF_PROTECTED": "true" if not tag and branch == default else "false",
+        "CI_PIPELINE_IID": "1", "CI_PIPELINE_CREATED_AT": started,
+        "CI_JOB_STARTED_AT": started, "CI_JOB_ID": pipeline_id, "CI_PIPELINE_URL": "",
+        "CI_JOB_URL": "", "CI_PROJECT_NAMESPACE": "local",
+        "CI_PROJECT_ROOT_NAMESPACE": "local", "CI_PROJECT_TITLE": project.name,
+        "CI_PROJECT_PATH_SLUG": slug(path), "CI_PROJECT_VISIBILITY": "private",
+        "CI_CONFIG_PATH": ".gitlab-ci.yml", "CI_SERVER_NAME": "GitLab",
+        "CI_RUNNER_DESCRIPTION": "kata-ci run (local)", "CI_RUNNER_TAGS": "[]",
+        "CI_JOB_TRIGGERED": "false",
     }
     if tag:
         variables["CI_COMMIT_TAG"] = tag
@@ -141,25 +150,27 @@ def select(pipeline: Pipeline, names: list[str], only: bool,
     them. A named job runs even if manual; ``manual`` (--manual) triggers manual jobs in the
     run. A job that needs a manual job nobody triggered is an error naming both."""
     triggered = {job.name for n in manual for job in pipeline.named(n)}
-    for name in triggered:
+    for name in sorted(triggered):
         if pipeline.job(name).when != "manual":
             raise UserError(f"--manual {name}: the job is not manual (when: "
                             f"{pipeline.job(name).when})")
     named = [job for n in names for job in pipeline.named(n)] if names else \
         [j for j in pipeline.jobs if j.when != "manual" or j.name in triggered]
+    triggered |= {job.name for job in named}
+    for job in pipeline.jobs:  # played: from here on it waits and runs as any other job
+        if job.name in triggered and job.when == "manual":
+            job.when = "on_success"
     graph = GitLabGraph(pipeline, pipeline.jobs)
     chosen = named if not names else with_needs(
         pipeline.jobs, named, lambda job: [pipeline.job(n) for n in graph.after(job)], only)
-    triggered |= {job.name for job in named} if names else set()
     for job in [] if only else chosen:  # --only: the needed jobs are not part of the run
-        for need in job.needs or []:
-            if pipeline.job(need).when == "manual" and need not in triggered:
-                raise UserError(f"{pipeline.path}:{job.line}: job {job.name!r} needs the "
-                                f"manual job {need!r}, which is not triggered: add "
-                                f"--manual {shlex.quote(need)}, or name it")
-    for job in chosen:
-        if job.name in triggered and job.when == "manual":
-            job.when = "on_success"
+        for need in graph.after(job):
+            if pipeline.job(need).when == "manual":
+                how = "needs the manual job" if job.needs is not None else \
+                    "is in a later stage than the blocking manual job (allow_failure: false)"
+                raise UserError(f"{pipeline.path}:{job.line}: job {job.name!r} {how} "
+                                f"{need!r}, which is not triggered: add --manual "
+                                f"{shlex.quote(need)}, or name it")
     return chosen
 
 
@@ -172,12 +183,15 @@ class GitLabGraph:
         self.order = {s: i for i, s in enumerate(pipeline.stages)}
 
     def after(self, job: CIJob) -> list[str]:
+        """What ``job`` waits for: its needs, else every job of the earlier stages except
+        manual jobs allowed to fail (a manual job with allow_failure: false blocks the
+        later stages: ci/jobs/job_control.md "Types of manual jobs")."""
         if job.when == "manual":
             return []
         if job.needs is not None:
             return list(job.needs)
-        return [j.name for j in self.jobs
-                if self.order[j.stage] < self.order[job.stage] and j.when != "manual"]
+        return [j.name for j in self.jobs if self.order[j.stage] < self.order[job.stage]
+                and (j.when != "manual" or not j.allow_failure)]
 
     def decide(self, job: CIJob, results: Mapping[str, JobResult]) -> JobResult | None:
         if job.when == "manual":
@@ -214,7 +228,14 @@ class GitLabPlan(GitLabGraph):
         # masked variable (file values may use it, as GitLab's project variables), like a
         # masked one of the file (masked as its value after expansion)
         secrets = self.settings.secrets
-        variables = {**self.predefined, **expand(job.variables, {**self.predefined, **secrets}),
+        # CI_JOB_ID: unique per job of the run (GitLab's job ids are); CI_JOB_STARTED_AT:
+        # when this job's spec is made, right before its VM starts
+        index = next((i for i, j in enumerate(self.pipeline.jobs) if j.name == job.name), 0)
+        base = self.predefined.get("CI_PIPELINE_ID", "")
+        own = {"CI_JOB_ID": str((int(base) if base.isdecimal() else 0) + index + 1),
+               "CI_JOB_STARTED_AT": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        predefined = {**self.predefined, **own}
+        variables = {**predefined, **expand(job.variables, {**predefined, **secrets}),
                      **self.user_vars, **secrets}
         env = job_env(variables, self.settings.env, term=self.settings.term)
         masked = {name: env[name] for name in job.masked if name in env}

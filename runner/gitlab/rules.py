@@ -56,19 +56,43 @@ def decide(body: dict[str, Any], env: Mapping[str, str], where: str, name: str,
     only/except, or from `when` (doc: job_rules.md "How rules are evaluated")."""
     when = body.get("when", "on_success")
     if "rules" in body:
-        for rule in body["rules"]:
-            if not _matches(rule, env, f"{where}: job {name!r}: rules:if", project, changed):
+        for rule in body["rules"] if isinstance(body["rules"], list) else []:
+            if not isinstance(rule, dict) or not _matches(
+                    rule, env, f"{where}: job {name!r}: rules:if", project, changed):
                 continue
             return Decision(rule.get("when", when), rule.get("allow_failure"),
                             rule_variables(rule.get("variables")), rule.get("needs"))
         return Decision("never")
-    ref = env.get("CI_COMMIT_REF_NAME", "")
-    is_tag = bool(env.get("CI_COMMIT_TAG"))
-    if "only" in body and not _refs_match(body["only"], ref, is_tag, env):
+    policy = f"{where}: job {name!r}"
+    if "only" in body and not _policy(body["only"], env, policy, changed, every=True):
         return Decision("never")
-    if "except" in body and _refs_match(body["except"], ref, is_tag, env):
+    if "except" in body and _policy(body["except"], env, policy, changed, every=False):
         return Decision("never")
     return Decision(when)
+
+
+def _policy(spec: Any, env: Mapping[str, str], where: str, changed: Sequence[str] | None,
+            every: bool) -> bool:
+    """only/except (ci/yaml "only:refs / except:refs", "only:variables / except:variables",
+    "only:changes / except:changes"): each key given matches when any of its items does;
+    `only` needs every key to match, `except` any (as GitLab evaluates them)."""
+    if not isinstance(spec, dict):
+        return _refs_match(spec, env)
+    checks = []
+    if "refs" in spec:
+        checks.append(_refs_match(spec["refs"], env))
+    if "variables" in spec:
+        items = spec["variables"] if isinstance(spec["variables"], list) else []
+        try:
+            checks.append(any(evaluate(str(e), env) for e in items))
+        except UserError as exc:
+            raise CIError(f"{where}: only/except:variables: {exc}") from None
+    if "changes" in spec:
+        checks.append(_changes(spec["changes"], changed))
+    # kubernetes: no cluster locally; only `kubernetes: active` then never matches
+    if "kubernetes" in spec:
+        checks.append(False)
+    return all(checks) if every else any(checks)
 
 
 FILTERED = "Pipeline filtered out by workflow rules."
@@ -106,12 +130,22 @@ def workflow(raw: Any, env: Mapping[str, str], where: str, project: Path,
     return False, {}
 
 
-def _refs_match(spec: Any, ref: str, is_tag: bool, env: Mapping[str, str]) -> bool:
-    refs = spec.get("refs", []) if isinstance(spec, dict) else spec
-    for item in [refs] if isinstance(refs, str) else refs:
+# only/except keywords for pipeline sources, and the CI_PIPELINE_SOURCE each one means
+# (ci/yaml "only:refs / except:refs": `schedules`, `merge_requests`, `triggers`...)
+SOURCES = {"api": "api", "chat": "chat", "external": "external", "pipelines": "pipeline",
+           "merge_requests": "merge_request_event", "schedules": "schedule",
+           "triggers": "trigger", "web": "web",
+           "external_pull_requests": "external_pull_request_event"}
+
+
+def _refs_match(refs: Any, env: Mapping[str, str]) -> bool:
+    ref = env.get("CI_COMMIT_REF_NAME", "")
+    is_tag = bool(env.get("CI_COMMIT_TAG"))
+    for item in [refs] if isinstance(refs, str) else refs if isinstance(refs, list) else []:
+        item = str(item)
         if (item in ("branches", "pushes") and not is_tag) or (item == "tags" and is_tag):
             return True
-        if item == env.get("CI_PIPELINE_SOURCE"):
+        if SOURCES.get(item, item) == env.get("CI_PIPELINE_SOURCE"):
             return True
         match = re.fullmatch(r"/(.*)/([a-z]*)", item)
         if match and re.search(match.group(1), ref):

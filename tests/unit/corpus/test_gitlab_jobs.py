@@ -4,6 +4,7 @@ variables. Each case is an example of the doc section its docstring names."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,11 @@ from click.testing import CliRunner
 
 from kata_ci.errors import UserError
 from kata_ci.runner.cli.app import main
-from kata_ci.runner.gitlab.ci_file import CIError, Pipeline, load
-from kata_ci.runner.gitlab.jobs import predefined_variables, select
+from kata_ci.runner.core.command import Cancel
+from kata_ci.runner.core.outcome import JobStatus
+from kata_ci.runner.core.schedule import JobResult
+from kata_ci.runner.gitlab.ci_file import CIError, Pipeline, load, slug
+from kata_ci.runner.gitlab.jobs import predefined_variables, schedule, select
 
 MAIN = {"CI_COMMIT_BRANCH": "main", "CI_DEFAULT_BRANCH": "main", "CI_COMMIT_REF_NAME": "main",
         "CI_PIPELINE_SOURCE": "push"}
@@ -187,3 +191,121 @@ def test_delayed_job_runs_with_a_note(tmp_path: Path) -> None:
     so."""
     job = pipeline(tmp_path, "j: {script: [x], when: delayed, start_in: 5 minutes}\n").job("j")
     assert job.when == "delayed" and any("without waiting" in n for n in job.notes)
+
+
+def test_need_in_a_later_stage_is_gitlabs_error(tmp_path: Path) -> None:
+    """ci/yaml "needs": a needed job may be in the same or an earlier stage; a later one is
+    refused as GitLab says it, "is not defined in current or prior stages"."""
+    with pytest.raises(CIError, match=r"\.gitlab-ci\.yml:1: a job: need b is not defined in "
+                                      r"current or prior stages"):
+        pipeline(tmp_path, "a: {stage: build, script: [x], needs: [b]}\n"
+                 "b: {stage: test, script: [x]}\n")
+    p = pipeline(tmp_path, "a: {stage: test, script: [x], needs: [b]}\n"
+                 "b: {stage: test, script: [x]}\n")
+    assert p.job("a").needs == ["b"]
+
+
+def test_undefined_need_is_gitlabs_error(tmp_path: Path) -> None:
+    """ci/yaml "needs": a need naming no job at all is "job: undefined need: name"."""
+    with pytest.raises(CIError, match=r":1: a job: undefined need: ghost$"):
+        pipeline(tmp_path, "a: {script: [x], needs: [ghost]}\n")
+
+
+def test_a_job_name_prefix_is_not_a_parallel_instance(tmp_path: Path) -> None:
+    """ci/yaml "parallel": only `build 1/2` or `build: [..]` are instances of `build`;
+    `build docs` is another job, for needs and on the command line."""
+    text = "build docs: {stage: build, script: [x]}\nt: {script: [x], needs: [build]}\n"
+    with pytest.raises(CIError, match="undefined need: build"):
+        pipeline(tmp_path, text)
+    p = pipeline(tmp_path, "build docs: {script: [x]}\n")
+    with pytest.raises(CIError, match="no job named 'build'"):
+        p.named("build")
+
+
+def test_needs_parallel_matrix_picks_instances_by_value(tmp_path: Path) -> None:
+    """ci/yaml "needs:parallel:matrix": the need names the instances whose variables have
+    those values, whatever the order of the keys."""
+    p = pipeline(tmp_path, "b: {stage: build, script: [x], parallel: {matrix: "
+                 "[{OS: [linux, mac], ARCH: [amd64, arm64]}]}}\n"
+                 "t: {script: [x], needs: [{job: b, parallel: {matrix: "
+                 "[{ARCH: arm64, OS: mac}]}}]}\n")
+    assert p.job("t").needs == ["b: [mac, arm64]"]
+    with pytest.raises(CIError, match="does not exist in the pipeline"):
+        pipeline(tmp_path, "b: {stage: build, script: [x], parallel: {matrix: [{OS: linux}]}}"
+                 "\nt: {script: [x], needs: [{job: b, parallel: {matrix: [{OS: bsd}]}}]}\n")
+
+
+@pytest.mark.parametrize(("policy", "runs"), [
+    ("only: {variables: [$DEPLOY == 'yes']}", True),
+    ("only: {variables: [$DEPLOY == 'no']}", False),
+    ("only: {refs: [main], variables: [$DEPLOY == 'no']}", False),  # only: every key
+    ("only: {refs: [main], variables: [$DEPLOY == 'yes']}", True),
+    ("except: {refs: [other], variables: [$DEPLOY == 'yes']}", False),  # except: any key
+    ("except: {variables: [$DEPLOY == 'no']}", True),
+    ("only: [merge_requests]", False),
+    ("only: [pushes]", True),
+])
+def test_only_except_keys(tmp_path: Path, policy: str, runs: bool) -> None:
+    """ci/yaml "only:variables / except:variables", "only:refs / except:refs": keys of
+    `only` must all match, any key of `except` excludes; `merge_requests` is a source."""
+    p = pipeline(tmp_path, f"variables: {{DEPLOY: 'yes'}}\nj:\n  script: [x]\n  {policy}\n"
+                 "k: {script: [x]}\n")
+    assert ("j" in names(p.jobs)) is runs
+
+
+def test_blocking_manual_job_holds_later_stages(tmp_path: Path) -> None:
+    """ci/jobs/job_control.md "Types of manual jobs": `when: manual` from rules has
+    allow_failure false, so later stages wait for it; untriggered, that is an error naming
+    both jobs; job-level `when: manual` (allow_failure true) blocks nothing."""
+    text = ("gate: {stage: build, script: [x], rules: [{when: manual}]}\n"
+            "soft: {stage: build, script: [x], when: manual}\n"
+            "deploy: {stage: deploy, script: [x]}\n")
+    with pytest.raises(UserError, match=r"job 'deploy' is in a later stage than the blocking "
+                                        r"manual job .* 'gate'.*--manual gate"):
+        select(pipeline(tmp_path, text), [], False)
+    p = pipeline(tmp_path, text)
+    chosen = select(p, [], False, manual=["gate"])
+    assert names(chosen) == ["gate", "deploy"]
+    ran: list[str] = []
+
+    def run(job: object) -> JobResult:
+        ran.append(job.name)  # type: ignore[attr-defined]
+        return JobResult(job.name, JobStatus.SUCCESS)  # type: ignore[attr-defined]
+
+    schedule(p, chosen, 2, run, Cancel())
+    assert ran == ["gate", "deploy"]
+
+
+def test_a_named_manual_job_brings_its_needs(tmp_path: Path) -> None:
+    """ci/yaml "when:manual" with "needs": `kata-ci run approve` plays the manual job, and
+    runs what it needs first, as for any job."""
+    p = pipeline(tmp_path, "build: {stage: build, script: [x]}\n"
+                 "approve: {stage: deploy, script: [x], when: manual, needs: [build]}\n")
+    assert names(select(p, ["approve"], False)) == ["build", "approve"]
+
+
+def test_slugs_as_gitlab_makes_them() -> None:
+    """predefined_variables.md CI_COMMIT_REF_SLUG: lowercased, every other character `-`,
+    63 bytes, no leading or trailing `-`."""
+    assert slug("Feature/Ü-x") == "feature---x"
+    assert slug("a" * 62 + "/b") == "a" * 62
+
+
+def test_commit_facts_from_the_checkout(tmp_path: Path) -> None:
+    """predefined_variables.md CI_COMMIT_MESSAGE/TITLE/DESCRIPTION/AUTHOR/TIMESTAMP and
+    CI_COMMIT_REF_PROTECTED (the default branch is protected) from the local commit."""
+    env = {"GIT_AUTHOR_NAME": "Ann", "GIT_AUTHOR_EMAIL": "ann@example.org",
+           "GIT_COMMITTER_NAME": "Ann", "GIT_COMMITTER_EMAIL": "ann@example.org",
+           "GIT_COMMITTER_DATE": "2024-05-06T07:08:09+00:00", "HOME": str(tmp_path),
+           "PATH": "/usr/bin:/bin", "GIT_CONFIG_NOSYSTEM": "1"}
+    for argv in (["init", "-q", "-b", "main"],
+                 ["commit", "-q", "--allow-empty", "-m", "Fix it", "-m", "Because."]):
+        subprocess.run(["git", *argv], cwd=tmp_path, env=env, check=True)
+    variables = predefined_variables(tmp_path)
+    assert variables["CI_COMMIT_TITLE"] == "Fix it"
+    assert variables["CI_COMMIT_MESSAGE"] == "Fix it\n\nBecause."
+    assert variables["CI_COMMIT_DESCRIPTION"] == "\nBecause."
+    assert variables["CI_COMMIT_AUTHOR"] == "Ann <ann@example.org>"
+    assert variables["CI_COMMIT_TIMESTAMP"] == "2024-05-06T07:08:09+00:00"
+    assert variables["CI_COMMIT_REF_PROTECTED"] == "true"
+    assert variables["CI_PROJECT_PATH"] == f"local/{tmp_path.name}"
