@@ -106,7 +106,7 @@ def test_bad_ci_files_fail_before_any_vm(tmp_path: Path, cli_env: dict[str, str]
     file (and line and job), and no VM was started."""
     cases = {
         "job: {script: [x]\n": "invalid YAML",
-        "job: {scrpit: [x]}\n": ".gitlab-ci.yml:1: job 'job' config contains unknown keys",
+        "job: {scrpit: [x]}\n": ".gitlab-ci.yml:1: jobs:job config contains unknown keys",
         "a: {script: [x], needs: [b]}\nb: {script: [x], needs: [a]}\n": "needs form a cycle",
     }
     for text, message in cases.items():
