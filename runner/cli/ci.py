@@ -72,7 +72,7 @@ def discover(workspace: Path, gitlab_ci: Path | None, workflow: Path | None,
     if gitlab_path is not None:
         rel = beneath.relative(workspace, gitlab_path)
         predefined["CI_CONFIG_PATH"] = str(rel) if rel is not None else str(gitlab_path)
-    gitlab = load(gitlab_path, workspace, {**predefined, **user}, repo.changed) \
+    gitlab = load(gitlab_path, workspace, {**predefined, **user}, repo.changed, user) \
         if gitlab_path is not None and present else None
     if workflow is not None:
         if not workflow.is_file():
@@ -145,10 +145,12 @@ def choose(found: Found, names: list[str], pipeline: bool) -> Pipeline | Workflo
         where = ", ".join(str(h.path) for h in holders)
         known = [*(j.name for j in (found.gitlab.jobs if found.gitlab else [])),
                  *(j.name for w in triggered for j in w.jobs)]
+        empty = f"; {found.gitlab.path}: {found.gitlab.empty}" if found.gitlab is not None \
+            and found.gitlab.empty else ""
         raise UserError(f"job(s) {', '.join(names)}: " + (
             f"found in several files ({where}); pick one with --gitlab-ci or --workflow"
             if holders else f"not found in any CI file triggered by {found.event} "
-            f"(jobs: {', '.join(known) or 'none'})"))
+            f"(jobs: {', '.join(known) or 'none'}){empty}"))
     return holders[0]
 
 

@@ -9,6 +9,7 @@ Every error names the file, the line and the job, before any VM starts.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,12 +18,12 @@ from typing import Any
 
 from kata_ci.errors import UserError
 from kata_ci.runner.core.images import ImageUse
-from kata_ci.runner.core.schedule import find_cycle
 from kata_ci.runner.core.secrets import secret_problem
 from kata_ci.runner.core.services import ServiceUse
 from kata_ci.runner.gitlab.image import parse_image, parse_services
 from kata_ci.runner.gitlab.keywords import DEFAULT_STAGES
 from kata_ci.runner.gitlab.merge import merged_jobs, resolve
+from kata_ci.runner.gitlab.needs import check_needs, parse_needs, scalar, variants_of
 from kata_ci.runner.gitlab.rules import FILTERED, decide, workflow
 from kata_ci.runner.gitlab.source import CIError
 from kata_ci.runner.gitlab.validate import check_variables
@@ -35,13 +36,6 @@ def slug(text: str) -> str:
     character as `-`, cut to 63 bytes, then no leading or trailing `-` (Gitlab::Utils.slugify
     cuts before it strips, so a cut never leaves a trailing `-`)."""
     return re.sub(r"[^a-z0-9]", "-", text.lower())[:63].strip("-")
-
-
-def variants_of(jobs: Sequence[CIJob], base: str) -> list[str]:
-    """The instances of the parallel job ``base`` (`base 1/2`, `base: [a, b]`), not jobs that
-    merely start with its name (`build docs` is not an instance of `build`)."""
-    pattern = re.compile(re.escape(base) + r"(?: \d+/\d+|: \[.*\])", re.S)
-    return [j.name for j in jobs if pattern.fullmatch(j.name)]
 
 
 @dataclass
@@ -66,6 +60,7 @@ class CIJob:
     optional: set[str] = field(default_factory=set)  # needs written with optional: true
     # needs:parallel:matrix: an instance name -> {"": base job, variable: value, ...}
     matrix_needs: dict[str, dict[str, str]] = field(default_factory=dict)
+    played: bool = False  # a manual job triggered by --manual or by its name (CI_JOB_MANUAL)
 
 
 @dataclass
@@ -96,25 +91,31 @@ class Pipeline:
 
 
 def load(path: Path, project: Path, variables: Mapping[str, str],
-         changed: Sequence[str] | None = None) -> Pipeline:
-    """Parse and resolve ``path``; ``variables`` are the predefined + user ones for rules,
-    ``changed`` the files `rules: changes` sees (the run's RepoSnapshot.changed, read once
+         changed: Sequence[str] | None = None,
+         user: Mapping[str, str] | None = None) -> Pipeline:
+    """Parse and resolve ``path``; ``variables`` are the predefined + user ones (`include`
+    paths use them), ``user`` the --var ones again: rules see them over the file's own, as
+    GitLab's pipeline variables win over YAML ones (ci/variables "CI/CD variable precedence").
+    ``changed``: the files `rules: changes` sees (the run's RepoSnapshot.changed, read once
     before any job; None: unknown, every file counts as changed)."""
+    user = dict(user or {})
     merged = resolve(path, project, variables)
     data, where = merged.data, merged.where
     stages = data.get("stages") or DEFAULT_STAGES
     if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
         raise CIError(f"{where('stages')}: stages config should be an array of strings")
     stages = [".pre", *[s for s in stages if s not in (".pre", ".post")], ".post"]
-    runs, pipeline_vars = workflow(data.get("workflow"), variables, where("workflow"),
-                                   project, changed)
-    title = data.get("workflow", {}).get("name", "") if isinstance(
-        data.get("workflow"), dict) else ""
-    if not runs:
-        return Pipeline(path=path, stages=stages, jobs=[], empty=FILTERED, name=str(title))
     raw_globals = data.get("variables", {})
     check_variables(raw_globals, f"{where('variables')}: variables")
-    global_vars = {**_variables(raw_globals, where("variables")), **pipeline_vars}
+    file_globals = _variables(raw_globals, where("variables"))
+    # workflow:rules see the global variables too (GitLab evaluates them in the pipeline's
+    # global context: predefined < YAML globals < pipeline variables)
+    runs, pipeline_vars, title = workflow(data.get("workflow"),
+                                          {**variables, **file_globals, **user},
+                                          where("workflow"), project, changed)
+    if not runs:
+        return Pipeline(path=path, stages=stages, jobs=[], empty=FILTERED, name=title)
+    global_vars = {**file_globals, **pipeline_vars}
     global_masked = _masked(raw_globals, where("variables"))
     rule_env = {**variables, **pipeline_vars}
     jobs: list[CIJob] = []
@@ -129,12 +130,25 @@ def load(path: Path, project: Path, variables: Mapping[str, str],
                         **_variables(own, where(name))}
             masked = {m for m in global_masked if m in kept} | _masked(own, where(name))
         for job in _expand(name, body, job_vars, stages, where(name), project, rule_env,
-                           changed):
+                           changed, user):
             job.masked = sorted(masked)
             jobs.append(job)
+    _check_unique(jobs, path)
     check_needs(jobs, set(merged.jobs), path, stages)
     empty = "" if jobs else "No stages / jobs for this pipeline."
     return Pipeline(path=path, stages=stages, jobs=jobs, empty=empty, name=str(title))
+
+
+def _check_unique(jobs: list[CIJob], path: Path) -> None:
+    """Job names are what kata-ci runs, lists and reports by: a parallel instance may not
+    take the name of another job (`test 1/2` defined as a job beside `test: parallel: 2`),
+    nor may two matrix entries make the same instance."""
+    seen: dict[str, CIJob] = {}
+    for job in jobs:
+        if job.name in seen:
+            raise CIError(f"{path}:{job.line}: job {job.name!r}: the name is used twice "
+                          f"(also at line {seen[job.name].line}); job names must be unique")
+        seen[job.name] = job
 
 
 def _variables(raw: Any, where: str) -> dict[str, str]:
@@ -144,8 +158,7 @@ def _variables(raw: Any, where: str) -> dict[str, str]:
     for key, value in raw.items():
         if isinstance(value, dict):
             value = value.get("value", "")
-        out[str(key)] = "" if value is None else str(value).lower() \
-            if isinstance(value, bool) else str(value)
+        out[str(key)] = scalar(value)
     return out
 
 
@@ -183,7 +196,7 @@ def _script(value: Any, where: str, key: str) -> list[str]:
 
 def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: list[str],
             where: str, project: Path, predefined: Mapping[str, str],
-            changed: Sequence[str] | None) -> list[CIJob]:
+            changed: Sequence[str] | None, user: Mapping[str, str]) -> list[CIJob]:
     stage = body.get("stage", "test")
     if stage not in stages:
         raise CIError(f"{where}: job {name!r}: stage {stage!r} is not in stages {stages[1:-1]}")
@@ -191,18 +204,21 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
         raise CIError(f"{where}: job {name!r} has no script")
     variants: list[tuple[str, dict[str, str]]] = [(name, {})]
     parallel = body.get("parallel")
-    if isinstance(parallel, int):
+    if isinstance(parallel, int) and not isinstance(parallel, bool):
         variants = [(f"{name} {i}/{parallel}",
                      {"CI_NODE_INDEX": str(i), "CI_NODE_TOTAL": str(parallel)})
                     for i in range(1, parallel + 1)]
     elif isinstance(parallel, dict) and "matrix" in parallel:
         variants = []
-        for entry in parallel["matrix"]:
-            keys = list(entry)
+        # validate.py bounds the matrix (hashes of scalars, at most 200 jobs)
+        for entry in parallel["matrix"] if isinstance(parallel["matrix"], list) else []:
+            if not isinstance(entry, dict):
+                continue
+            keys = list(map(str, entry))
             values = [v if isinstance(v, list) else [v] for v in entry.values()]
             for combo in itertools.product(*values):
-                label = ", ".join(str(c) for c in combo)
-                variants.append((f"{name}: [{label}]", dict(zip(keys, map(str, combo),
+                label = ", ".join(map(scalar, combo))
+                variants.append((f"{name}: [{label}]", dict(zip(keys, map(scalar, combo),
                                                                 strict=True))))
     try:
         image, notes = parse_image(body.get("image"), f"{where}: job {name!r}: image")
@@ -216,15 +232,19 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
         env = {**predefined, **job_vars, **extra, "CI_JOB_NAME": job_name, "CI_JOB_STAGE": stage}
         if parallel and "CI_NODE_INDEX" not in extra:
             env.update(CI_NODE_INDEX=str(index), CI_NODE_TOTAL=str(len(variants)))
+        env.update(user)  # --var wins over the file's variables, in rules as in the job
         decision = decide(body, env, where, name, project, changed)
         when, allow = decision.when, decision.allow_failure
         if when == "never":
             continue
         notes_here = list(notes)
         if when == "delayed":
-            notes_here.append(f"when: delayed (start_in: {body.get('start_in')}): kata-ci "
-                              "starts the job without waiting")
-        allow_failure = body.get("allow_failure", False)
+            start_in = decision.start_in or body.get("start_in")
+            notes_here.append(f"when: delayed (start_in: {start_in}): kata-ci starts the job "
+                              "without waiting")
+        # allow_failure's default is true for a job-level `when: manual`, false otherwise;
+        # `when: manual` from rules keeps false (ci/yaml "allow_failure", "rules:when")
+        allow_failure = body.get("allow_failure", body.get("when") == "manual")
         codes = []
         if isinstance(allow_failure, dict):
             exit_codes = allow_failure.get("exit_codes", [])
@@ -233,7 +253,7 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
         if allow is not None:  # rules:allow_failure replaces the job's, exit_codes included
             allow_failure, codes = allow, []
         matrix_needs: dict[str, dict[str, str]] = {}
-        needs, optional = _needs(decision.needs if decision.needs is not None
+        needs, optional = parse_needs(decision.needs if decision.needs is not None
                                  else body.get("needs"), notes_here, matrix_needs)
         own = {**job_vars, **decision.variables, **extra}
         jobs.append(CIJob(
@@ -246,8 +266,7 @@ def _expand(name: str, body: dict[str, Any], job_vars: dict[str, str], stages: l
                        **({"CI_NODE_INDEX": env["CI_NODE_INDEX"],
                            "CI_NODE_TOTAL": env["CI_NODE_TOTAL"]} if parallel else {})},
             needs=needs, optional=optional, matrix_needs=matrix_needs,
-            when=when, allow_failure=bool(allow_failure) or (when == "manual" and "rules"
-                                                             not in body),
+            when=when, allow_failure=allow_failure is True,
             allow_exit_codes=codes, timeout=parse_duration(body.get("timeout"), where),
             line=int(where.rsplit(":", 1)[1]), image=image, services=services,
             notes=notes_here))
@@ -265,90 +284,6 @@ def parse_duration(value: Any, where: str) -> float | None:
         if unit not in units and unit:
             raise CIError(f"{where}: cannot read timeout {text!r}")
         total += float(number) * units.get(unit or "s", 1)
-    if total <= 0:
-        raise CIError(f"{where}: cannot read timeout {text!r}")
+    if not 0 < total < math.inf:
+        raise CIError(f"{where}: cannot read timeout {text[:80]!r}")
     return total
-
-
-def _needs(raw: Any, notes: list[str],
-           matrix: dict[str, dict[str, str]]) -> tuple[list[str] | None, set[str]]:
-    """Job names a job needs, and which of them are optional. A cross-project (`project:`)
-    or parent-pipeline (`pipeline:`) need cannot be met locally: noted and left out.
-    `needs:parallel:matrix` names instances: their names go in ``matrix`` with the variables
-    that pick them (GitLab matches by values, whatever the order of the keys)."""
-    if raw is None:
-        return None, set()
-    names: list[str] = []
-    optional: set[str] = set()
-    for need in raw if isinstance(raw, list) else []:  # validate.py: needs is an array
-        if isinstance(need, str):
-            names.append(need)
-            continue
-        if not isinstance(need, dict):
-            continue
-        if "project" in need or "pipeline" in need:
-            what = f"project {need.get('project')}" if "project" in need else \
-                f"pipeline {need.get('pipeline')}"
-            notes.append(f"needs: {need.get('job', '')} from {what} is another pipeline's "
-                         "job; kata-ci runs this pipeline only, so it is skipped")
-            continue
-        job = str(need.get("job", ""))
-        wanted = [job]
-        entries = need.get("parallel", {}).get("matrix") if isinstance(
-            need.get("parallel"), dict) else None
-        if isinstance(entries, list):
-            wanted = []
-            for entry in entries:
-                if not isinstance(entry, dict):
-                    continue
-                values = [v if isinstance(v, list) else [v] for v in entry.values()]
-                for combo in itertools.product(*values):
-                    label = f"{job}: [{', '.join(map(str, combo))}]"
-                    matrix[label] = {"": job, **dict(zip(map(str, entry), map(str, combo),
-                                                         strict=True))}
-                    wanted.append(label)
-        names.extend(wanted)
-        if need.get("optional") is True:
-            optional.update(wanted)
-    return names, optional
-
-
-def check_needs(jobs: list[CIJob], defined: set[str], path: Path, stages: list[str]) -> None:
-    """Needs resolved to the pipeline's job names (a parallel job: all its instances), as
-    GitLab checks them (doc: ci/yaml "needs", "needs:optional", "needs:parallel:matrix"):
-    a needed job may be in the same or an earlier stage, never a later one."""
-    by_name = {j.name: j for j in jobs}
-    order = {s: i for i, s in enumerate(stages)}
-    graph: dict[str, list[str]] = {}
-    for job in jobs:
-        if job.needs is None:
-            continue
-        resolved: list[str] = []
-        for need in job.needs:
-            found = [need] if need in by_name else variants_of(jobs, need)
-            pick = job.matrix_needs.get(need)
-            if pick is not None and not found:
-                found = [n for n in variants_of(jobs, pick[""]) if all(
-                    by_name[n].variables.get(k) == v for k, v in pick.items() if k)]
-            base = pick[""] if pick is not None else need
-            if found:
-                later = [n for n in found if order[by_name[n].stage] > order[job.stage]]
-                if later:
-                    raise CIError(f"{path}:{job.line}: {job.name} job: need {need} is not "
-                                  "defined in current or prior stages")
-                resolved.extend(n for n in found if n not in resolved)
-            elif need in job.optional:
-                continue  # needs:optional: a job that is not in this pipeline is ignored
-            elif base in defined:
-                raise CIError(
-                    f"{path}:{job.line}: '{job.name}' job needs '{need}' job, but '{need}' "
-                    "does not exist in the pipeline. This might be because of the only, "
-                    "except, or rules keywords. To need a job that sometimes does not exist "
-                    "in the pipeline, use needs:optional.")
-            else:
-                raise CIError(f"{path}:{job.line}: {job.name} job: undefined need: {need}")
-        job.needs = resolved
-        graph[job.name] = resolved
-    cycle = find_cycle(graph)
-    if cycle:
-        raise CIError(f"{path}: needs form a cycle: {' -> '.join(cycle)}")

@@ -73,6 +73,10 @@ def predefined_variables(project: Path, source: str = "push",
         "CI_CONFIG_PATH": ".gitlab-ci.yml", "CI_SERVER_NAME": "GitLab",
         "CI_RUNNER_DESCRIPTION": "kata-ci run (local)", "CI_RUNNER_TAGS": "[]",
         "CI_JOB_TRIGGERED": "false",
+        # "set to 1 if the job does not use parallel"; a parallel job's instances override it
+        "CI_NODE_TOTAL": "1",
+        # every job has a VM of its own, destroyed after it
+        "CI_DISPOSABLE_ENVIRONMENT": "true",
     }
     if tag:
         variables["CI_COMMIT_TAG"] = tag
@@ -157,9 +161,13 @@ def select(pipeline: Pipeline, names: list[str], only: bool,
     named = [job for n in names for job in pipeline.named(n)] if names else \
         [j for j in pipeline.jobs if j.when != "manual" or j.name in triggered]
     triggered |= {job.name for job in named}
+    if not names and not named:  # nothing would start: said, never an empty summary
+        raise UserError(f"{pipeline.path}: every job of this pipeline is manual "
+                        f"({', '.join(j.name for j in pipeline.jobs)}): trigger one with "
+                        "--manual JOB, or name it")
     for job in pipeline.jobs:  # played: from here on it waits and runs as any other job
         if job.name in triggered and job.when == "manual":
-            job.when = "on_success"
+            job.when, job.played = "on_success", True
     graph = GitLabGraph(pipeline, pipeline.jobs)
     chosen = named if not names else with_needs(
         pipeline.jobs, named, lambda job: [pipeline.job(n) for n in graph.after(job)], only)
@@ -232,18 +240,23 @@ class GitLabPlan(GitLabGraph):
         # when this job's spec is made, right before its VM starts
         index = next((i for i, j in enumerate(self.pipeline.jobs) if j.name == job.name), 0)
         base = self.predefined.get("CI_PIPELINE_ID", "")
+        timeout = self.settings.job_timeout(job.timeout)
         own = {"CI_JOB_ID": str((int(base) if base.isdecimal() else 0) + index + 1),
-               "CI_JOB_STARTED_AT": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "CI_JOB_STARTED_AT": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               **({"CI_JOB_TIMEOUT": str(int(timeout))} if timeout else {}),
+               **({"CI_JOB_MANUAL": "true"} if job.played else {}),
+               **({"CI_PIPELINE_NAME": self.pipeline.name} if self.pipeline.name else {})}
         predefined = {**self.predefined, **own}
         variables = {**predefined, **expand(job.variables, {**predefined, **secrets}),
                      **self.user_vars, **secrets}
         env = job_env(variables, self.settings.env, term=self.settings.term)
         masked = {name: env[name] for name in job.masked if name in env}
-        spec = self.settings.spec(job.name, GitLabScript(job), env, self.project,
-                                  self.settings.job_timeout(job.timeout), secrets=masked,
-                                  mask=GITLAB_MASK)
-        # the image's name may use the job's variables, as gitlab-runner expands it
-        return dataclasses.replace(spec, image=expand_image(job.image, env),
+        image = expand_image(job.image, env)  # its name may use the job's variables
+        if image is not None:  # CI_JOB_IMAGE: "the name of the image running the job"
+            env = {**env, "CI_JOB_IMAGE": image.name}
+        spec = self.settings.spec(job.name, GitLabScript(job), env, self.project, timeout,
+                                  secrets=masked, mask=GITLAB_MASK)
+        return dataclasses.replace(spec, image=image,
                                    services=expand_services(job.services, env))
 
     def result(self, job: CIJob, outcome: Outcome, took: float) -> JobResult:

@@ -14,6 +14,7 @@ from kata_ci.errors import UserError
 from kata_ci.runner.core import beneath
 from kata_ci.runner.gitlab.expr import evaluate
 from kata_ci.runner.gitlab.keywords import WORKFLOW_KEYS, WORKFLOW_RULE_KEYS
+from kata_ci.runner.gitlab.needs import scalar
 from kata_ci.runner.gitlab.source import CIError
 
 
@@ -25,6 +26,7 @@ class Decision:
     allow_failure: bool | None = None  # rules:allow_failure, over the job's
     variables: dict[str, str] = field(default_factory=dict)  # rules:variables
     needs: list[Any] | None = None  # rules:needs, instead of the job's
+    start_in: str = ""  # rules:start_in, for when: delayed
 
 
 def _matches(rule: Mapping[str, Any], env: Mapping[str, str], where: str, project: Path,
@@ -45,8 +47,7 @@ def rule_variables(raw: Any) -> dict[str, str]:
     for key, value in (raw or {}).items():
         if isinstance(value, dict):
             value = value.get("value", "")
-        out[str(key)] = "" if value is None else str(value).lower() \
-            if isinstance(value, bool) else str(value)
+        out[str(key)] = scalar(value)
     return out
 
 
@@ -61,7 +62,8 @@ def decide(body: dict[str, Any], env: Mapping[str, str], where: str, name: str,
                     rule, env, f"{where}: job {name!r}: rules:if", project, changed):
                 continue
             return Decision(rule.get("when", when), rule.get("allow_failure"),
-                            rule_variables(rule.get("variables")), rule.get("needs"))
+                            rule_variables(rule.get("variables")), rule.get("needs"),
+                            scalar(rule.get("start_in")))
         return Decision("never")
     policy = f"{where}: job {name!r}"
     if "only" in body and not _policy(body["only"], env, policy, changed, every=True):
@@ -99,17 +101,21 @@ FILTERED = "Pipeline filtered out by workflow rules."
 
 
 def workflow(raw: Any, env: Mapping[str, str], where: str, project: Path,
-             changed: Sequence[str] | None) -> tuple[bool, dict[str, str]]:
-    """workflow:rules (doc: ci/yaml "workflow:rules"): whether the pipeline runs at all, and
-    the matching rule's variables (pipeline-wide). No workflow:rules: it runs."""
+             changed: Sequence[str] | None) -> tuple[bool, dict[str, str], str]:
+    """workflow:rules (doc: ci/yaml "workflow:rules"): whether the pipeline runs at all, the
+    matching rule's variables (pipeline-wide), and workflow:name with the variables it may
+    use expanded (ci/yaml "workflow:name"). No workflow:rules: it runs."""
     if raw is None:
-        return True, {}
+        return True, {}, ""
     if not isinstance(raw, dict) or set(map(str, raw)) - WORKFLOW_KEYS:
         raise CIError(f"{where}: workflow config contains unknown keys (allowed: "
                       f"{', '.join(sorted(WORKFLOW_KEYS))})")
+    name = raw.get("name", "")
+    if not isinstance(name, str) or len(name) > 255:
+        raise CIError(f"{where}: workflow name should be a string of at most 255 characters")
     rules = raw.get("rules")
     if rules is None:
-        return True, {}
+        return True, {}, _expanded(name, env)
     if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
         raise CIError(f"{where}: workflow:rules config should be an array of hashes")
     for rule in rules:
@@ -126,8 +132,18 @@ def workflow(raw: Any, env: Mapping[str, str], where: str, project: Path,
         if not isinstance(variables, dict):
             raise CIError(f"{where}: workflow:rules:rule:variables config should be a hash")
         if _matches(rule, env, f"{where}: workflow:rules:if", project, changed):
-            return rule.get("when", "always") == "always", rule_variables(variables)
-    return False, {}
+            found = rule_variables(variables)
+            return rule.get("when", "always") == "always", found, _expanded(
+                name, {**env, **found})
+    return False, {}, _expanded(name, env)
+
+
+def _expanded(text: str, env: Mapping[str, str]) -> str:
+    """$VAR / ${VAR} from ``env`` (an unknown one is left as written); no control
+    characters, as the name is printed on the terminal."""
+    text = re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?",
+                  lambda m: env.get(m.group(1), m.group(0)), text)
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", "?", text)
 
 
 # only/except keywords for pipeline sources, and the CI_PIPELINE_SOURCE each one means

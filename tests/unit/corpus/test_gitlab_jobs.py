@@ -15,8 +15,9 @@ from kata_ci.runner.cli.app import main
 from kata_ci.runner.core.command import Cancel
 from kata_ci.runner.core.outcome import JobStatus
 from kata_ci.runner.core.schedule import JobResult
+from kata_ci.runner.core.spec import JobSpec, RunSettings
 from kata_ci.runner.gitlab.ci_file import CIError, Pipeline, load, slug
-from kata_ci.runner.gitlab.jobs import predefined_variables, schedule, select
+from kata_ci.runner.gitlab.jobs import GitLabPlan, predefined_variables, schedule, select
 
 MAIN = {"CI_COMMIT_BRANCH": "main", "CI_DEFAULT_BRANCH": "main", "CI_COMMIT_REF_NAME": "main",
         "CI_PIPELINE_SOURCE": "push"}
@@ -309,3 +310,142 @@ def test_commit_facts_from_the_checkout(tmp_path: Path) -> None:
     assert variables["CI_COMMIT_TIMESTAMP"] == "2024-05-06T07:08:09+00:00"
     assert variables["CI_COMMIT_REF_PROTECTED"] == "true"
     assert variables["CI_PROJECT_PATH"] == f"local/{tmp_path.name}"
+
+
+def plan_specs(tmp_path: Path, text: str, manual: tuple[str, ...] = (),
+               settings: RunSettings | None = None) -> dict[str, JobSpec]:
+    """Each selected job's JobSpec, as a run makes them right before its VMs start."""
+    p = pipeline(tmp_path, text)
+    plan = GitLabPlan(p, select(p, [], False, manual), tmp_path, {**MAIN, "CI_NODE_TOTAL": "1"},
+                      {}, settings or RunSettings())
+    return {job.name: plan.spec(job) for job in plan.jobs}
+
+
+def test_job_level_manual_with_allow_failure_false_blocks(tmp_path: Path) -> None:
+    """ci/yaml "when" (manual) and job_control.md "Types of manual jobs": a job-level manual
+    job is optional (allow_failure true by default) unless it says allow_failure: false, then
+    it blocks the later stages."""
+    text = ("gate: {stage: build, script: [x], when: manual, allow_failure: false}\n"
+            "soft: {stage: build, script: [x], when: manual}\n"
+            "deploy: {stage: deploy, script: [x]}\n")
+    p = pipeline(tmp_path, text)
+    assert not p.job("gate").allow_failure and p.job("soft").allow_failure
+    with pytest.raises(UserError, match=r"blocking manual job .*'gate'"):
+        select(p, [], False)
+    assert names(select(pipeline(tmp_path, text), [], False, ["gate"])) == ["gate", "deploy"]
+
+
+def test_workflow_rules_see_global_variables(tmp_path: Path) -> None:
+    """ci/yaml "workflow:rules": the rules' `if` sees the file's global variables (GitLab
+    evaluates them with the pipeline's YAML variables), so a global switch filters it."""
+    text = "variables: {RUN: 'VALUE'}\nworkflow: {rules: [{if: $RUN == 'yes'}]}\nj: {script: [x]}\n"
+    assert names(pipeline(tmp_path, text.replace("VALUE", "yes")).jobs) == ["j"]
+    filtered = pipeline(tmp_path, text.replace("VALUE", "no"))
+    assert filtered.empty == "Pipeline filtered out by workflow rules."
+
+
+def test_user_variables_win_over_the_files_in_rules(tmp_path: Path) -> None:
+    """ci/variables "CI/CD variable precedence": pipeline variables (--var) win over the
+    file's global and job variables, in rules:if as in the job."""
+    (tmp_path / ".gitlab-ci.yml").write_text(
+        "variables: {TARGET: none}\n"
+        "deploy: {script: [x], variables: {TARGET: staging}, rules: [{if: $TARGET == 'prod'}]}\n")
+    path = tmp_path / ".gitlab-ci.yml"
+    assert load(path, tmp_path, MAIN).jobs == []
+    user = {"TARGET": "prod"}
+    assert names(load(path, tmp_path, {**MAIN, **user}, None, user).jobs) == ["deploy"]
+
+
+def test_node_total_is_1_without_parallel(tmp_path: Path) -> None:
+    """predefined_variables.md CI_NODE_TOTAL: "set to 1 if the job does not use parallel";
+    CI_NODE_INDEX only for parallel jobs; an instance's own total wins."""
+    assert predefined_variables(tmp_path)["CI_NODE_TOTAL"] == "1"
+    specs = plan_specs(tmp_path, "one: {script: [x]}\nmany: {script: [x], parallel: 3}\n")
+    assert specs["one"].env["CI_NODE_TOTAL"] == "1" and "CI_NODE_INDEX" not in specs["one"].env
+    assert specs["many 2/3"].env["CI_NODE_TOTAL"] == "3"
+    assert specs["many 2/3"].env["CI_NODE_INDEX"] == "2"
+
+
+def test_pipeline_name_from_workflow_name(tmp_path: Path) -> None:
+    """ci/yaml "workflow:name" and predefined_variables.md CI_PIPELINE_NAME: the name, with
+    the matching workflow rule's variables expanded, is every job's CI_PIPELINE_NAME."""
+    text = ("workflow:\n  name: 'Build $KIND on $CI_COMMIT_BRANCH'\n"
+            "  rules: [{if: $CI_COMMIT_BRANCH, variables: {KIND: nightly}}]\nj: {script: [x]}\n")
+    assert pipeline(tmp_path, text).name == "Build nightly on main"
+    assert plan_specs(tmp_path, text)["j"].env["CI_PIPELINE_NAME"] == "Build nightly on main"
+    with pytest.raises(CIError, match="workflow name should be a string"):
+        pipeline(tmp_path, "workflow: {name: [a]}\nj: {script: [x]}\n")
+
+
+def test_job_facts_a_local_run_knows(tmp_path: Path) -> None:
+    """predefined_variables.md CI_JOB_MANUAL ("only available if the job was started
+    manually"), CI_JOB_TIMEOUT (seconds), CI_JOB_IMAGE, CI_DISPOSABLE_ENVIRONMENT."""
+    specs = plan_specs(tmp_path, "m: {script: [x], when: manual, timeout: 2m}\n"
+                       "i: {script: [x], image: 'alpine:$V', variables: {V: '3.20'}}\n",
+                       manual=("m",), settings=RunSettings(timeout=600.0))
+    assert specs["m"].env["CI_JOB_MANUAL"] == "true" and "CI_JOB_MANUAL" not in specs["i"].env
+    assert specs["m"].env["CI_JOB_TIMEOUT"] == "120" and specs["i"].env["CI_JOB_TIMEOUT"] == "600"
+    assert specs["i"].env["CI_JOB_IMAGE"] == "alpine:3.20" and "CI_JOB_IMAGE" not in specs["m"].env
+    assert predefined_variables(tmp_path)["CI_DISPOSABLE_ENVIRONMENT"] == "true"
+
+
+def test_rules_start_in_is_the_delay_noted(tmp_path: Path) -> None:
+    """ci/yaml "rules:start_in": a rule's `when: delayed` takes the rule's start_in; kata-ci
+    notes the delay it does not wait for."""
+    job = pipeline(tmp_path, "j: {script: [x], rules: [{when: delayed, start_in: 1 hour}]}\n"
+                   ).job("j")
+    assert job.when == "delayed" and any("start_in: 1 hour" in n for n in job.notes)
+
+
+@pytest.mark.parametrize("text", [
+    "n: {script: [x], parallel: 2}\n'n 1/2': {script: [x]}\n",
+    "m: {script: [x], parallel: {matrix: [{P: a}, {P: a}]}}\n",
+    "m: {script: [x], parallel: {matrix: [{P: a}]}}\n'm: [a]': {script: [x]}\n",
+])
+def test_an_instance_name_used_twice_is_refused(tmp_path: Path, text: str) -> None:
+    """ci/yaml "parallel" / "parallel:matrix": instances are named `job 1/N` and
+    `job: [values]`; a name made twice (by a job of that name, or two equal matrix rows)
+    would make two jobs one: refused with the file and line."""
+    with pytest.raises(CIError, match=r"\.gitlab-ci\.yml:\d+: job '.*': the name is used twice"):
+        pipeline(tmp_path, text)
+
+
+def test_matrix_values_are_named_as_gitlab_writes_them(tmp_path: Path) -> None:
+    """ci/yaml "parallel:matrix": instance names list the values of one row; numbers and
+    booleans as YAML wrote them (`true`, not Python's `True`), in the variables too."""
+    p = pipeline(tmp_path, "m: {script: [x], parallel: {matrix: [{V: [3.12, 10], F: true}]}}\n")
+    assert names(p.jobs) == ["m: [3.12, true]", "m: [10, true]"]
+    assert p.job("m: [10, true]").variables["F"] == "true"
+
+
+def test_a_pipeline_of_manual_jobs_only_says_so(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """ci/jobs/job_control.md "Create a job that must be run manually": when every job is
+    manual, `kata-ci run --pipeline` starts nothing; it says how to trigger one and exits 2,
+    never an empty summary."""
+    with pytest.raises(UserError, match=r"every job of this pipeline is manual \(a\).*--manual"):
+        select(pipeline(tmp_path, "a: {script: [x], when: manual}\n"), [], False)
+    (tmp_path / "cfg.toml").write_text("")
+    monkeypatch.setenv("KATA_CI_CONFIG", str(tmp_path / "cfg.toml"))
+    result = CliRunner().invoke(main, ["run", "-C", str(tmp_path), "--pipeline"])
+    assert result.exit_code == 2 and "every job of this pipeline is manual" in result.stderr
+
+
+def test_a_named_job_of_a_filtered_pipeline_says_why(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """ci/yaml "workflow:rules": `kata-ci run JOB` on a pipeline the workflow rules filter
+    out names the reason, "Pipeline filtered out by workflow rules.", and exits 2."""
+    (tmp_path / "cfg.toml").write_text("")
+    monkeypatch.setenv("KATA_CI_CONFIG", str(tmp_path / "cfg.toml"))
+    (tmp_path / ".gitlab-ci.yml").write_text("workflow: {rules: [{when: never}]}\n"
+                                             "j: {script: [x]}\n")
+    result = CliRunner().invoke(main, ["run", "-C", str(tmp_path), "j"])
+    assert result.exit_code == 2
+    assert "Pipeline filtered out by workflow rules." in result.stderr
+
+
+def test_an_endless_timeout_is_refused(tmp_path: Path) -> None:
+    """ci/yaml "timeout": a duration; one too big to be a number is an error naming the
+    file and line, not an endless job."""
+    with pytest.raises(CIError, match=r"\.gitlab-ci\.yml:1: cannot read timeout"):
+        pipeline(tmp_path, "j: {script: [x], timeout: '" + "9" * 400 + " days'}\n")
