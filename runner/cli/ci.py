@@ -176,7 +176,8 @@ def plan_for(found: Found, target: Pipeline | Workflow, names: list[str], only: 
     # workflow-level env may use the github, secrets, vars and inputs contexts
     early = {"github": github, "secrets": dict(settings.secrets), "vars": {}, "inputs": {}}
     env = {name: render(value, early) for name, value in target.env.items()}
-    workflow = dataclasses.replace(target, env={**env, **user})
+    # strategies and names that wait only for `github` are built now (named, selectable)
+    workflow = gh.prepare(dataclasses.replace(target, env={**env, **user}), github)
     rc = RunContext(workflow, workspace, github, {}, cancel, settings.secrets)
     return gh.GitHubPlan(workflow, gh.select(workflow, names, only), rc, settings)
 
@@ -192,7 +193,8 @@ def run_selected(plan: Plan[Any], provider: VMProvider, parallel: int, cancel: C
     def write(job: str, stream: Stream, line: bytes) -> None:
         prefix = f"[{job}] "
         if tty:
-            prefix = f"\x1b[{colour[job]}m{prefix}\x1b[0m"
+            # instances made during the run (a matrix from needs) get the first colour
+            prefix = f"\x1b[{colour.get(job, 36)}m{prefix}\x1b[0m"
         terminal.write(stream, prefix.encode() + line if len(names) > 1 else line)
 
     results = run_plan(plan, provider, PrefixedOutput(write), parallel, cancel)

@@ -36,6 +36,12 @@ DEPRECATED = ("The `{0}` command is deprecated and will be disabled soon. Please
               "using Environment Files. For more information see: https://github.blog/"
               "changelog/2022-10-11-github-actions-deprecating-save-state-and-set-output-"
               "commands/")
+STOP_TOKEN = ("You cannot use a endToken that is an empty string, the string 'pause-logging', "
+              "or another workflow command. For more information see: https://docs.github.com/"
+              "actions/learn-github-actions/workflow-commands-for-github-actions#example-"
+              "stopping-and-starting-workflow-commands or opt into insecure command execution "
+              "by setting the `ACTIONS_ALLOW_UNSECURE_STOPCOMMAND_TOKENS` environment variable "
+              "to `true`.")
 RESERVED_ENV = {"NODE_OPTIONS"}  # GitHub's runner refuses these from set-env / $GITHUB_ENV
 
 
@@ -71,7 +77,8 @@ def parse(line: str) -> Command | None:
     for item in filter(None, props.split(",")):
         key, sep, value = item.partition("=")
         if sep:
-            properties[key.strip()] = unescape_property(value)
+            # the runner's property names are case-insensitive (endLine, endline)
+            properties[key.strip().lower()] = unescape_property(value)
     return Command(name, properties, unescape_data(data))
 
 
@@ -99,7 +106,10 @@ class WorkflowCommands:
                  debug: bool = False) -> None:
         self.session = session
         env = env or {}
-        self.unsecure = env.get("ACTIONS_ALLOW_UNSECURE_COMMANDS", "").lower() == "true"
+        # read as the runner's bool.TryParse: case-insensitive, blanks around allowed
+        self.unsecure = env.get("ACTIONS_ALLOW_UNSECURE_COMMANDS", "").strip().lower() == "true"
+        self.weak_tokens = \
+            env.get("ACTIONS_ALLOW_UNSECURE_STOPCOMMAND_TOKENS", "").strip().lower() == "true"
         self.debug = debug
         self.result = StepCommands()
         self.stop_token = ""
@@ -158,8 +168,11 @@ class WorkflowCommands:
         text = raw.decode(errors="replace").rstrip("\r\n")
         command = parse(text)
         if command is not None and self.stop_token:
-            if command.name == self.stop_token and not command.properties:
+            # the runner resumes on the token as a command name, case-insensitively, and
+            # shows the line; anything else is plain output while stopped
+            if command.name.lower() == self.stop_token.lower():
                 self.stop_token = ""
+                self._show(stream, raw)
                 return
             command = None
         if command is None:
@@ -174,38 +187,63 @@ class WorkflowCommands:
     def _add_mask(self, stream: Stream, command: Command, text: str) -> None:
         value = command.data
         if not value.strip():
-            self.session.note("warning: ::add-mask:: without a value")
+            self._say(stream, "Warning: Can't add secret mask for empty string in ##[add-mask] "
+                              "command.")
         elif not self.session.add_mask(value):
             self.session.note(f"warning: an ::add-mask:: value shorter than "
                               f"{MIN_SECRET_BYTES} bytes is not masked")
 
     def _stop_commands(self, stream: Stream, command: Command, text: str) -> None:
-        self.stop_token = command.data
-        if not self.stop_token:
-            self.session.note("warning: ::stop-commands:: without a token")
+        """A token that is empty, `pause-logging` or a command's name would let ordinary
+        output resume (or never stop) processing: refused unless opted in, as the runner's
+        ValidateStopToken does; processing then goes on."""
+        token = command.data
+        if not token or token.lower() == "pause-logging" or token.lower() in COMMANDS:
+            if not self.weak_tokens:
+                self._refuse(stream, text, STOP_TOKEN)
+                return
+            self._say(stream, "Warning: " + STOP_TOKEN)
+        self._show(stream, text.encode() + b"\n")
+        self.stop_token = token
 
     def _set_output(self, stream: Stream, command: Command, text: str) -> None:
         self._say(stream, "Warning: " + DEPRECATED.format("set-output"))
-        name = command.properties.get("name", "")
-        if name:
-            self.result.outputs[name] = command.data
+        if self._named(stream, command, text):
+            self.result.outputs[command.properties["name"]] = command.data
 
     def _save_state(self, stream: Stream, command: Command, text: str) -> None:
+        """State is for an action's post step; kata-ci runs no actions: only checked."""
         self._say(stream, "Warning: " + DEPRECATED.format("save-state"))
+        self._named(stream, command, text)
+
+    def _named(self, stream: Stream, command: Command, text: str) -> bool:
+        if command.properties.get("name"):
+            return True
+        self._refuse(stream, text, f"Required field 'name' is missing in ##[{command.name}] "
+                                   "command.")
+        return False
 
     def _set_env(self, stream: Stream, command: Command, text: str) -> None:
-        name = command.properties.get("name", "")
-        if not self._unsecure_allowed(stream, command, text):
+        if not self._unsecure_allowed(stream, command, text) or \
+                not self._named(stream, command, text):
             return
-        if name.upper() in RESERVED_ENV or not name:
-            self._refuse(stream, text, f"Can't store {name or '(no name)'} output parameter "
-                                       "using '$GITHUB_ENV' command.")
+        name = command.properties["name"]
+        if name.upper() in RESERVED_ENV:
+            # the runner adds an error annotation and ignores the command; the step goes on
+            self._annotation(f"Error: Can't update {name.upper()} environment variable using "
+                             "::set-env:: command.", stream)
             return
         self.result.env[name] = command.data
 
     def _add_path(self, stream: Stream, command: Command, text: str) -> None:
-        if self._unsecure_allowed(stream, command, text) and command.data.strip():
-            self.result.path.insert(0, command.data)
+        if not self._unsecure_allowed(stream, command, text):
+            return
+        if not command.data:
+            self._refuse(stream, text, "Value cannot be null or empty: path")
+            return
+        if command.data in self.result.path:  # the runner moves a repeated path to the front
+            self.result.path.remove(command.data)
+        self.result.path.insert(0, command.data)
 
     def _unsecure_allowed(self, stream: Stream, command: Command, text: str) -> bool:
         if not self.unsecure:
@@ -225,10 +263,17 @@ class WorkflowCommands:
         props = command.properties
         level = LEVELS[command.name.lower()]
         where = props.get("file", "")
-        if where and props.get("line"):
-            where += f":{props['line']}" + (f":{props['col']}" if props.get("col") else "")
+        if where and props.get("line"):  # file:line[-endLine][:col[-endColumn]]
+            where += f":{props['line']}"
+            if props.get("endline") and props["endline"] != props["line"]:
+                where += f"-{props['endline']}"
+            if props.get("col"):
+                where += f":{props['col']}" + (f"-{props['endcolumn']}"
+                                               if props.get("endcolumn") else "")
         message = (f"{props['title']}: " if props.get("title") else "") + command.data
-        shown = f"{level}: " + (f"{where}: " if where else "") + message
+        self._annotation(f"{level}: " + (f"{where}: " if where else "") + message, stream)
+
+    def _annotation(self, shown: str, stream: Stream) -> None:
         self._say(stream, shown)
         # masked now, as the log is: the summary is printed on the host
         self.result.annotations.append(self._masked(shown))

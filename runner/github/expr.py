@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from kata_ci.errors import UserError
@@ -177,12 +177,24 @@ def evaluate_tree(value: Any, contexts: Mapping[str, Any]) -> Any:
 STATUS = ("success", "failure", "always", "cancelled")
 
 
-def parse(text: str) -> None:
+def parse(text: str, allowed: Collection[str] | None = None) -> None:
     """Whether ``text`` is an expression (ExpressionError if not), without its contexts:
     every context is empty and every known function returns null, so only the syntax, the
-    function names and their argument counts are checked."""
+    function names and their argument counts are checked; with ``allowed``, also that it
+    names only those contexts (GitHub's "Unrecognized named-value" where the
+    context-availability table does not offer one)."""
+    if len(text) > MAX_EXPRESSION:
+        raise ExpressionError(f"an expression longer than {MAX_EXPRESSION} characters")
     stubs = {name: (lambda *args: None) for name in [*BUILTINS, *STATUS, "hashfiles"]}
-    evaluate(text, {}, stubs)
+    parser = _Parser(text, {}, stubs)
+    parser.allowed = None if allowed is None else {a.lower() for a in allowed}
+    try:
+        parser.or_()
+    except RecursionError:
+        raise ExpressionError(f"expression nests too deeply: {text[:80]!r}") from None
+    if parser.pos != len(parser.tokens):
+        raise ExpressionError(f"cannot parse expression {text!r}: unexpected "
+                              f"{parser.tokens[parser.pos][1]!r}")
 
 
 def render(text: str, contexts: Mapping[str, Any], functions: Functions | None = None) -> str:
@@ -200,6 +212,8 @@ class _Parser:
         self.contexts = {k.lower(): v for k, v in contexts.items()}
         self.functions = functions
         self.tokens: list[tuple[str, Any]] = []
+        self.starts: list[int] = []  # each token's offset in text, for messages
+        self.allowed: set[str] | None = None  # contexts the field may name (parse only)
         pos = 0
         while pos < len(text):
             if not text[pos:].strip():
@@ -207,6 +221,7 @@ class _Parser:
             match = _TOKEN.match(text, pos)
             if not match:
                 raise ExpressionError(f"cannot parse expression {text!r} at {text[pos:]!r}")
+            self.starts.append(match.start(match.lastgroup or 0))
             pos = match.end()
             kind = match.lastgroup or ""
             value: Any = match.group(kind)
@@ -216,6 +231,9 @@ class _Parser:
                 value = value.replace("''", "'")
             self.tokens.append((kind, value))
         self.pos = 0
+
+    def _indent(self) -> int:
+        return len(self.text) - len(self.text.lstrip())
 
     def _peek(self, *ops: str) -> bool:
         return self.pos < len(self.tokens) and self.tokens[self.pos] in [("op", o) for o in ops]
@@ -287,6 +305,11 @@ class _Parser:
                 return None
             if self._peek("("):
                 return self.call(name)
+            if self.allowed is not None and name not in self.allowed:
+                at = self.starts[self.pos - 1] + 1 - self._indent()
+                raise ExpressionError(f"Unrecognized named-value: '{value}'. Located at "
+                                      f"position {at} within expression: "
+                                      f"{self.text.strip()}")
             return self.contexts.get(name)
         raise ExpressionError(f"cannot parse expression {self.text!r}: unexpected {value!r}")
 

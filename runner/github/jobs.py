@@ -1,8 +1,12 @@
 """GitHub workflow jobs as kata-ci runs them: selection, the job graph, contexts, results.
 
 A job waits for the jobs it `needs` (every matrix variant of each); its `if` is evaluated once
-they are done, against `needs.*` aggregated over the variants; with fail-fast, a failed matrix
-job cancels its siblings that have not started. Each job runs in its own VM (GitHubSteps).
+they are done, against `needs.*` aggregated over the variants (its default `success()` looks
+at every job upstream); with fail-fast, a failed matrix job cancels its siblings that have not
+started. A strategy or name written with `github`/`needs` expressions is built when the run
+is planned (`prepare`) or once the job's needs have ended (`GitHubGraph.expand`): only then
+are its instances known. `max-parallel` N: instance k also waits for instance k-N, so at most
+N of a matrix run at once. Each job runs in its own VM (GitHubSteps).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
 from kata_ci.runner.core.schedule import JobResult, run_dag, with_needs
 from kata_ci.runner.core.secrets import GITHUB_MASK
 from kata_ci.runner.core.spec import JobSpec, RunSettings
+from kata_ci.runner.github.available import waits_for_run
 from kata_ci.runner.github.container import container_image, service_uses
 from kata_ci.runner.github.expr import evaluate_tree, render
 from kata_ci.runner.github.steps import (
@@ -30,7 +35,11 @@ from kata_ci.runner.github.steps import (
     github_env,
     minutes,
 )
-from kata_ci.runner.github.workflow import GHJob, Workflow, expand_matrix, instance
+from kata_ci.runner.github.workflow import (
+    GHJob,
+    Workflow,
+    build,
+)
 
 
 def select(workflow: Workflow, names: list[str], only: bool) -> list[GHJob]:
@@ -58,6 +67,31 @@ def github_context(predefined: Mapping[str, str], event: str, workflow: Workflow
             "tag" if "CI_COMMIT_TAG" in p else "branch"}
 
 
+def prepare(workflow: Workflow, github: Mapping[str, Any]) -> Workflow:
+    """The run's workflow with every strategy and name that waits only for the `github`
+    context built (their instances named before the run, so they can be selected); those
+    naming `needs` still wait for their needs. A bad one is reported now, before any VM."""
+    jobs = list(workflow.jobs)
+    ctx = {"github": dict(github), "needs": {}, "vars": {}, "inputs": {}}
+    for job in list(jobs):
+        if job.matrix_source is not None and not waits_for_run(
+                [job.matrix_source, job.title], "needs"):
+            build_in_place(workflow, jobs, job, ctx)
+    return dataclasses.replace(workflow, jobs=jobs)
+
+
+def build_in_place(workflow: Workflow, jobs: list[GHJob], job: GHJob,
+                   ctx: Mapping[str, Any]) -> list[GHJob]:
+    """``job``'s instances, put in its place in ``jobs`` (UserError if its strategy cannot
+    be built); names stay unique among ``jobs`` and their ids."""
+    taken = {j.name for j in jobs if j is not job} | ({j.key for j in jobs} - {job.key})
+    instances = build(job, job.matrix_source, ctx,
+                      f"{workflow.path}:{job.line}: job {job.key!r}", taken)
+    at = jobs.index(job)
+    jobs[at:at + 1] = instances
+    return instances
+
+
 def aggregate(results: list[JobResult]) -> dict[str, Any]:
     """needs.<job> of a matrix job: failure if any variant failed; outputs merged."""
     statuses = {r.status for r in results}
@@ -83,7 +117,13 @@ class GitHubGraph:
             self.by_key.setdefault(job.key, []).append(job)
 
     def after(self, job: GHJob) -> list[str]:
-        return [v.name for need in job.needs for v in self.by_key.get(need, [])]
+        names = [v.name for need in job.needs for v in self.by_key.get(need, [])]
+        siblings = self.by_key.get(job.key, [])
+        if job.max_parallel and job in siblings:  # at most max-parallel of them at once
+            at = siblings.index(job)
+            if at >= job.max_parallel:
+                names.append(siblings[at - job.max_parallel].name)
+        return names
 
     def ancestors(self, key: str) -> set[str]:
         """Every job id upstream of ``key``, through needs of needs."""
@@ -98,20 +138,23 @@ class GitHubGraph:
 
     def expand(self, job: GHJob, results: Mapping[str, JobResult]) -> list[GHJob] | \
             JobResult | None:
-        """A matrix written with expressions, built now that the job's needs have ended
-        (`matrix: ${{ fromJSON(needs.plan.outputs.targets) }}`); its instances replace it."""
+        """A strategy or name written with expressions, built now that the job's needs have
+        ended (`matrix: ${{ fromJSON(needs.plan.outputs.targets) }}`); its instances replace
+        it. A strategy that cannot be built fails the job (not the run), with the reason."""
         if job.matrix_source is None:
             return None
         ctx = {"github": self.rc.github, "needs": {n: self.need(n, results) for n in job.needs},
                "vars": {}, "inputs": {}}
         try:
-            combos = expand_matrix(evaluate_tree(job.matrix_source, ctx),
-                                   f"{self.workflow.path}:{job.line}: job {job.key!r}")
+            instances = self.build(job, ctx)
         except UserError as exc:
-            return JobResult(job.name, JobStatus.FAILED, message=f"strategy.matrix: {exc}")
-        instances = [instance(job, combo) for combo in combos]
+            return JobResult(job.name, JobStatus.FAILED, message=str(exc))
+        return instances
+
+    def build(self, job: GHJob, ctx: Mapping[str, Any]) -> list[GHJob]:
+        """``job``'s instances in its place (UserError if its strategy cannot be built)."""
+        instances = build_in_place(self.workflow, self.jobs, job, ctx)
         self.by_key[job.key] = instances
-        self.jobs[self.jobs.index(job):self.jobs.index(job) + 1] = instances
         return instances
 
     def need(self, key: str, results: Mapping[str, JobResult]) -> dict[str, Any]:
@@ -128,17 +171,19 @@ class GitHubGraph:
                                  for s in siblings if s.name in results):
             return JobResult(job.name, JobStatus.CANCELLED)
         needs = {n: self.need(n, results) for n in job.needs}
-        # success() looks at every job upstream, not only the direct needs: a job is skipped
-        # when anything in its dependency chain failed (or was cancelled)
-        upstream = [self.need(a, results) for a in self.ancestors(job.key)]
-        needs_ok = all(n["result"] == "success" for n in needs.values()) and \
-            all(n["result"] in ("success", "skipped") for n in upstream)
+        # success() and failure() look at every job upstream, not only the direct needs
+        # ("If you have a chain of dependent jobs, failure() returns true if any ancestor job
+        # fails"): a job is skipped when anything in its chain did not succeed, as GitHub
+        # also skips it after a skipped ancestor (actions/runner#491)
+        upstream = [self.need(a, results)["result"] for a in self.ancestors(job.key)]
+        chain_ok = all(r == "success" for r in upstream)
+        chain_failed = any(r == "failure" for r in upstream)
         cancelled = self.rc.cancelled
         functions: dict[str, Callable[..., Any]] = {
-            "success": lambda: needs_ok and not cancelled.is_set(), "always": lambda: True,
-            "failure": lambda: not needs_ok, "cancelled": cancelled.is_set}
-        ctx = {"github": self.rc.github, "needs": needs, "matrix": job.matrix,
-               "env": self.workflow.env}
+            "success": lambda: chain_ok and not cancelled.is_set(), "always": lambda: True,
+            "failure": lambda: chain_failed, "cancelled": cancelled.is_set}
+        # jobs.<job_id>.if may name github, needs, vars and inputs (context availability)
+        ctx = {"github": self.rc.github, "needs": needs, "vars": {}, "inputs": {}}
         if condition(job.if_, ctx, functions):
             return None
         return JobResult(job.name, JobStatus.SKIPPED, message="if: condition not met")
@@ -163,6 +208,9 @@ class GitHubPlan(GitHubGraph):
         early = contexts(job, JobState(), self.rc)  # github, needs, matrix, secrets...
         job = dataclasses.replace(job, env={k: render(v, early) for k, v in job.env.items()},
                                   timeout_minutes=minutes(job.timeout_minutes, early))
+        # runs-on picks a machine on GitHub; here every job has its VM: evaluated (a bad
+        # expression fails the job, as on GitHub), then ignored
+        evaluate_tree(job.runs_on, early)
         base = job_env(github_env(self.rc, job), term=self.settings.term)
         script = GitHubSteps(job, self.rc, base, self.settings.env)
         self.scripts[job.name] = script

@@ -37,7 +37,7 @@ from kata_ci.runner.github.expr import (
     truthy,
     uses_status_function,
 )
-from kata_ci.runner.github.workflow import GHJob, Step, Workflow
+from kata_ci.runner.github.workflow import GHJob, Step, Workflow, strategy_context
 
 FILES = "/tmp/kata-ci-gh"
 # $GITHUB_ENV, $GITHUB_PATH, $GITHUB_OUTPUT, $GITHUB_STEP_SUMMARY: emptied before each step,
@@ -159,7 +159,7 @@ def contexts(job: GHJob, state: JobState, rc: RunContext) -> dict[str, Any]:
             "steps": state.steps, "needs": {n: rc.needs.get(n, {}) for n in job.needs},
             "job": {"status": state.status}, "runner": {"os": "Linux", "arch": "X64",
                                                         "temp": "/tmp", "name": "kata-ci"},
-            "strategy": {"fail-fast": job.fail_fast}, "inputs": {}, "vars": {},
+            "strategy": strategy_context(job), "inputs": {}, "vars": {},
             "secrets": dict(rc.secrets)}
 
 
@@ -286,7 +286,7 @@ class GitHubSteps:
         files = {f"{FILES}/{name}": b"" for name in STEP_FILES}
         files[script] = render(step.run or "", ctx, functions).encode()
         session.put_files(files)
-        env = job_env(self.base_env, ctx["env"], step_env, self.user_env,
+        env = job_env(self.base_env, ctx["env"], step_env, self.defaults(), self.user_env,
                       path_prepend=self.state.path)
         step_minutes = minutes(step.timeout_minutes, ctx)
         timeout = step_minutes * 60 if step_minutes else 0.0
@@ -294,6 +294,12 @@ class GitHubSteps:
         return Command(argv, env,
                        str(self.rc.workspace / workdir) if workdir else "", timeout,
                        timeout_message=f"step timed out after {timeout:g}s" if timeout else "")
+
+    def defaults(self) -> dict[str, str]:
+        """GitHub's default GITHUB_* and RUNNER_* variables: env, $GITHUB_ENV and set-env
+        cannot overwrite them ("You can't overwrite the value of the default environment
+        variables named GITHUB_* and RUNNER_*", variables reference)."""
+        return {k: v for k, v in self.base_env.items() if k.startswith(("GITHUB_", "RUNNER_"))}
 
     def _debug(self) -> bool:
         """ACTIONS_STEP_DEBUG, as a secret or a variable, turns ::debug:: lines on."""

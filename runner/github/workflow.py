@@ -1,14 +1,19 @@
 """GitHub workflow files to runnable jobs (doc: actions/using-workflows/workflow-syntax).
 
 `on:` filters by event, `strategy.matrix` expands with include/exclude as documented, and
-unknown keys are refused with the file, line and job, before any VM starts. Expressions are
-kept as text: they are evaluated while the job runs (runner/github_run.py).
+unknown keys are refused with the file, line and job, before any VM starts. Every `${{ }}` is
+parsed here, and checked to name only the contexts GitHub's context-availability table offers
+in its field (doc: actions/reference/contexts "Context availability"). Expressions are
+evaluated where their contexts exist: a strategy or name built only of literals here; one that
+names `github`, `needs`, `vars` or `inputs` when the run is planned or its needs have ended
+(jobs.py); the job's other fields as it starts; a step's as the step starts.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,21 +24,28 @@ from kata_ci.errors import UserError
 from kata_ci.runner.core import beneath
 from kata_ci.runner.core.schedule import find_cycle
 from kata_ci.runner.core.yamltree import tree_problem
+from kata_ci.runner.github.available import (
+    AVAILABLE,
+    PRE_RUN,
+    check_containers,
+    check_embedded,
+    check_expression,
+    waits_for_run,
+)
+from kata_ci.runner.github.available import WorkflowError as WorkflowError
 from kata_ci.runner.github.container import Container, parse_container, parse_services
-from kata_ci.runner.github.expr import ExpressionError, evaluate, parse
+from kata_ci.runner.github.expr import evaluate_tree, render
+from kata_ci.runner.github.matrix import MAX_MATRIX as MAX_MATRIX
+from kata_ci.runner.github.matrix import expand_matrix as expand_matrix
 
 WORKFLOW_KEYS = {"name", "run-name", "on", "permissions", "env", "defaults", "concurrency",
                  "jobs"}
 JOB_KEYS = {"name", "needs", "runs-on", "permissions", "environment", "concurrency",
             "outputs", "env", "defaults", "if", "steps", "timeout-minutes", "strategy",
             "continue-on-error", "container", "services", "uses", "with", "secrets"}
-MAX_MATRIX = 256  # GitHub: "A matrix will generate a maximum of 256 jobs per workflow run"
+STRATEGY_KEYS = {"matrix", "fail-fast", "max-parallel"}
 STEP_KEYS = {"id", "if", "name", "uses", "run", "working-directory", "shell", "with", "env",
              "continue-on-error", "timeout-minutes"}
-
-
-class WorkflowError(UserError):
-    pass
 
 
 class _Loader(yaml.SafeLoader):
@@ -85,7 +97,14 @@ class GHJob:
     line: int = 0
     container: Container | None = None  # its expressions rendered when the job is built
     services: dict[str, Container] = field(default_factory=dict)  # id -> container, likewise
-    matrix_source: Any = None  # a matrix with expressions: expanded once its needs ended
+    # The strategy as written, while it (or the name) waits for contexts known only when
+    # the run is planned (github) or the job's needs have ended: see jobs.GitHubGraph.expand.
+    matrix_source: Any = None
+    title: str | None = None  # `name:` as written; the shown name is built from it
+    runs_on: Any = None  # as written: evaluated as the job starts (kata-ci runs a VM)
+    max_parallel: int | None = None  # strategy.max-parallel
+    index: int = 0  # strategy.job-index
+    total: int = 1  # strategy.job-total
 
 
 @dataclass
@@ -115,46 +134,6 @@ def events_of(on: Any) -> list[str]:
     if isinstance(on, dict):
         return [str(e) for e in on]
     return []
-
-
-def expand_matrix(matrix: Any, where: str) -> list[dict[str, Any]]:
-    """Combinations as documented ("Expanding or adding matrix configurations")."""
-    if matrix is None or matrix == {}:
-        return [{}]
-    if not isinstance(matrix, dict):
-        raise WorkflowError(f"{where}: strategy.matrix must be a mapping, not {matrix!r}"[:300])
-    base_keys = [k for k in matrix if k not in ("include", "exclude")]
-    for key in base_keys:
-        if not isinstance(matrix[key], list) or not matrix[key]:
-            raise WorkflowError(f"{where}: Matrix vector '{key}' does not contain any values"
-                                if matrix[key] == [] else f"{where}: matrix.{key} must be a "
-                                "list")
-    rules = {}
-    for part in ("include", "exclude"):
-        rules[part] = matrix.get(part) or []
-        if not isinstance(rules[part], list) or not all(isinstance(r, dict)
-                                                        for r in rules[part]):
-            raise WorkflowError(f"{where}: matrix.{part} must be a list of mappings")
-    combos = [dict(zip(base_keys, values, strict=True))
-              for values in itertools.product(*(matrix[k] for k in base_keys))] \
-        if base_keys else []
-    for rule in rules["exclude"]:
-        combos = [c for c in combos if not all(c.get(k) == v for k, v in rule.items())]
-    originals = [dict(c) for c in combos]
-    for extra in rules["include"]:
-        matched = False
-        for combo, original in zip(combos, originals, strict=True):
-            # Added only where it overwrites none of the combination's original values.
-            if all(original.get(k, v) == v for k, v in extra.items() if k in base_keys):
-                combo.update(extra)
-                matched = True
-        if not matched:  # a combination of its own, whose values later includes keep
-            combos.append(dict(extra))
-            originals.append(dict(extra))
-    if len(combos) > MAX_MATRIX:
-        raise WorkflowError(f"{where}: a matrix may generate at most {MAX_MATRIX} jobs per "
-                            f"workflow run, not {len(combos)}")
-    return combos
 
 
 def has_expression(value: Any) -> bool:
@@ -218,11 +197,14 @@ def load_workflow(path: Path, workspace: Path | None = None) -> Workflow:
     if not isinstance(jobs_raw, dict) or not jobs_raw:
         raise WorkflowError(f"{path}: a workflow needs a `jobs` mapping")
     defaults = _run_defaults(data.get("defaults"), str(path))
-    _check_embedded(data.get("env"), str(path), "env")
+    for what in ("env", "run-name", "concurrency"):
+        check_embedded(data.get(what), str(path), what, AVAILABLE[what])
     jobs: list[GHJob] = []
+    keys = set(map(str, jobs_raw))
     for key, raw in jobs_raw.items():
         where = f"{path}:{lines.get(str(key), 0)}"
-        jobs += _job(str(key), raw, jobs_raw, defaults, where, lines.get(str(key), 0))
+        taken = {j.name for j in jobs} | (keys - {str(key)})
+        jobs += _job(str(key), raw, jobs_raw, defaults, where, lines.get(str(key), 0), taken)
     _check_cycles(jobs_raw, path)
     return Workflow(path=path, name=str(data.get("name", path.name)),
                     events=events_of(data.get("on")),
@@ -237,12 +219,12 @@ def _run_defaults(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict) or not isinstance(run or {}, dict) or \
             not all(isinstance(v, str) for v in (run or {}).values()):
         raise WorkflowError(f"{where}: defaults must be {{run: {{shell, working-directory}}}}")
-    _check_embedded(run, where, "defaults.run")
+    check_embedded(run, where, "defaults.run", AVAILABLE["defaults.run"])
     return dict(run or {})
 
 
 def _job(key: str, raw: Any, jobs_raw: dict[str, Any], defaults: dict[str, Any], where: str,
-         line: int) -> list[GHJob]:
+         line: int, taken: set[str]) -> list[GHJob]:
     """The job's instances: one per matrix combination, or one waiting for its matrix."""
     if not isinstance(raw, dict):
         raise WorkflowError(f"{where}: job {key!r} must be a mapping")
@@ -264,6 +246,13 @@ def _job(key: str, raw: Any, jobs_raw: dict[str, Any], defaults: dict[str, Any],
     strategy = raw.get("strategy") or {}
     if not isinstance(strategy, dict):
         raise WorkflowError(f"{where}: job {key!r}: strategy must be a mapping")
+    unknown = set(map(str, strategy)) - STRATEGY_KEYS
+    if unknown:
+        raise WorkflowError(f"{where}: job {key!r}: strategy has unknown keys: "
+                            f"{', '.join(sorted(unknown))}")
+    title = raw.get("name")
+    if title is not None and not isinstance(title, (str, int, float)):
+        raise WorkflowError(f"{where}: job {key!r}: name must be a string")
     run_defaults = {**defaults, **_run_defaults(raw.get("defaults"), where)}
     steps_raw = raw.get("steps") or []
     if not isinstance(steps_raw, list):
@@ -271,17 +260,28 @@ def _job(key: str, raw: Any, jobs_raw: dict[str, Any], defaults: dict[str, Any],
     steps = [_step(s, i, where, key) for i, s in enumerate(steps_raw)]
     if not steps:
         raise WorkflowError(f"{where}: job {key!r} has no steps")
-    for if_ in [raw.get("if")] + [s.if_ for s in steps]:
-        if if_ is not None:
-            _check_expression(str(if_), where, key)
-    for field_name in ("env", "runs-on", "strategy", "timeout-minutes", "continue-on-error",
-                       "name", "outputs", "container", "services"):
-        _check_embedded(raw.get(field_name), f"{where}: job {key!r}", field_name)
+    if raw.get("if") is not None:
+        check_expression(str(raw["if"]), where, key, AVAILABLE["jobs.<job_id>.if"])
     for step, step_raw in zip(steps, steps_raw, strict=True):
-        _check_embedded(step_raw, f"{where}: job {key!r}: step {step.index + 1}", "step")
-    matrix = strategy.get("matrix")
-    deferred = has_expression(matrix)  # evaluated when its needs have ended
-    combos = [{}] if deferred else expand_matrix(matrix, f"{where}: job {key!r}")
+        what = f"{where}: job {key!r}: step {step.index + 1}"
+        if step.if_ is not None:
+            check_expression(step.if_, where, key, AVAILABLE["jobs.<job_id>.steps.if"])
+        check_embedded({k: v for k, v in step_raw.items() if k != "if"}, what, "step",
+                        AVAILABLE["jobs.<job_id>.steps"])
+    for field_name in ("runs-on", "timeout-minutes", "continue-on-error", "name",
+                       "concurrency"):
+        check_embedded(raw.get(field_name), f"{where}: job {key!r}", field_name, PRE_RUN)
+    environment = raw.get("environment")
+    url = environment.get("url") if isinstance(environment, dict) else None
+    check_embedded({k: v for k, v in environment.items() if k != "url"}
+                    if isinstance(environment, dict) else environment,
+                    f"{where}: job {key!r}", "environment", PRE_RUN)
+    check_embedded(url, f"{where}: job {key!r}", "environment.url",
+                    AVAILABLE["jobs.<job_id>.environment.url"])
+    for field_name in ("env", "strategy", "outputs"):
+        check_embedded(raw.get(field_name), f"{where}: job {key!r}", field_name,
+                        AVAILABLE[f"jobs.<job_id>.{field_name}"])
+    check_containers(raw, f"{where}: job {key!r}")
     try:
         container = parse_container(raw.get("container"), where, key)
         services = parse_services(raw.get("services"), where, key)
@@ -295,33 +295,74 @@ def _job(key: str, raw: Any, jobs_raw: dict[str, Any], defaults: dict[str, Any],
         steps=steps, timeout_minutes=_minutes(raw.get("timeout-minutes"), where, key),
         continue_on_error=raw.get("continue-on-error", False),
         outputs=_text_map(raw.get("outputs"), where, "outputs"),
-        fail_fast=strategy.get("fail-fast", True) is not False,
-        line=line, container=container, services=services,
-        matrix_source=matrix if deferred else None)
-    return [base] if deferred else [instance(base, combo) for combo in combos]
+        fail_fast=True, line=line, container=container, services=services,
+        title=None if title is None else str(title), runs_on=raw.get("runs-on"))
+    if waits_for_run(strategy) or waits_for_run(title):
+        return [replace(base, matrix_source=strategy)]  # built by jobs.GitHubGraph.expand
+    return build(base, strategy, {}, f"{where}: job {key!r}", taken)
 
 
-def instance(job: GHJob, combo: dict[str, Any]) -> GHJob:
-    """One matrix combination of ``job``, named as GitHub shows it: `key (a, b)`."""
-    label = ", ".join(_display(v) for v in combo.values())
-    return replace(job, name=f"{job.key} ({label})" if combo else job.key, matrix=combo,
-                   matrix_source=None)
+def build(job: GHJob, strategy_raw: Any, ctx: Mapping[str, Any], where: str,
+          taken: set[str]) -> list[GHJob]:
+    """``job``'s instances: its strategy evaluated with ``ctx`` (contexts known so far),
+    the matrix expanded, each named as GitHub shows it. ``taken``: names already in use
+    (every job id and shown name), to which these are added. UserError if it cannot be."""
+    strategy = evaluate_tree(strategy_raw or {}, ctx)
+    if not isinstance(strategy, dict):
+        raise WorkflowError(f"{where}: strategy must be a mapping")
+    fail_fast = _boolean(strategy.get("fail-fast", True), f"{where}: strategy.fail-fast")
+    limit = strategy.get("max-parallel")
+    try:
+        number = None if limit is None or isinstance(limit, bool) else float(limit)
+    except (TypeError, ValueError, OverflowError):
+        number = None
+    if limit is not None and (number is None or not number.is_integer() or number < 1):
+        raise WorkflowError(f"{where}: strategy.max-parallel must be a positive integer, not "
+                            f"{limit!r}"[:300])
+    combos = expand_matrix(strategy.get("matrix"), where)
+    made = []
+    for index, combo in enumerate(combos):
+        one = replace(job, matrix=combo, matrix_source=None, fail_fast=fail_fast,
+                      max_parallel=None if number is None else int(number), index=index,
+                      total=len(combos))
+        name = _shown_name(one, ctx, where)
+        if name in taken:  # the scheduler tells jobs by name: a repeated one gets a number
+            name = next(f"{name} ({n})" for n in itertools.count(2)
+                        if f"{name} ({n})" not in taken)
+        taken.add(name)
+        made.append(replace(one, name=name))
+    return made
 
 
-def _check_embedded(value: Any, where: str, what: str) -> None:
-    """Every `${{ }}` in a field parses (evaluated later, where its contexts exist)."""
-    if isinstance(value, dict):
-        for sub in value.values():
-            _check_embedded(sub, where, what)
-    elif isinstance(value, list):
-        for sub in value:
-            _check_embedded(sub, where, what)
-    elif isinstance(value, str) and "${{" in value:
-        for body in re.findall(r"\$\{\{(.*?)\}\}", value, re.DOTALL):
-            try:
-                parse(body)
-            except ExpressionError as exc:
-                raise WorkflowError(f"{where}: {what}: {exc}") from None
+def strategy_context(job: GHJob) -> dict[str, Any]:
+    """The `strategy` context (doc: contexts, "strategy context")."""
+    return {"fail-fast": job.fail_fast, "job-index": job.index, "job-total": job.total,
+            "max-parallel": job.max_parallel or job.total}
+
+
+def _shown_name(job: GHJob, ctx: Mapping[str, Any], where: str) -> str:
+    """`name:` with expressions is shown as rendered; a plain one, or the job id, gets the
+    matrix values appended: `test (3.11, linux)`."""
+    label = ", ".join(_display(v) for v in job.matrix.values() if v not in (None, ""))
+    if job.title is not None and "${{" in job.title:
+        try:
+            shown = render(job.title, {**ctx, "matrix": job.matrix,
+                                       "strategy": strategy_context(job)}).strip()
+        except UserError as exc:
+            raise WorkflowError(f"{where}: name: {exc}") from None
+        if shown:
+            return shown[:500]
+    base = job.title.strip() if job.title and job.title.strip() else job.key
+    return f"{base} ({label})" if label else base
+
+
+def _boolean(value: Any, what: str) -> bool:
+    """A boolean field, possibly an expression's text ("true"/"false")."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise WorkflowError(f"{what} must be true or false, not {value!r}"[:300])
 
 
 def _minutes(value: Any, where: str, job: str) -> float | str | None:
@@ -344,18 +385,6 @@ def _display(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(_display(v) for v in value.values())
     return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _check_expression(text: str, where: str, job: str) -> None:
-    """Parse (not evaluate) conditions up front, so a typo fails before any VM starts."""
-    body = text.strip()
-    if body.startswith("${{") and body.endswith("}}"):
-        body = body[3:-2]
-    try:
-        evaluate(body, {}, {n: (lambda *a: True) for n in
-                            ("success", "failure", "always", "cancelled", "hashFiles")})
-    except ExpressionError as exc:
-        raise WorkflowError(f"{where}: job {job!r}: {exc}") from None
 
 
 def _check_cycles(jobs: dict[str, Any], path: Path) -> None:

@@ -63,19 +63,47 @@ def test_set_env_and_add_path_refused_without_opt_in(tmp_path: Path) -> None:
 
 
 def test_set_env_refuses_node_options(tmp_path: Path) -> None:
-    """"Setting an environment variable": GitHub's runner refuses NODE_OPTIONS."""
-    _, produced = process(tmp_path, "::set-env name=NODE_OPTIONS::--require x\n",
+    """"Setting an environment variable" (the runner's set-env block list): NODE_OPTIONS is
+    not set; an error annotation in GitHub's words, the step is not failed."""
+    _, produced = process(tmp_path, "::set-env name=node_options::--require x\n",
                           {"ACTIONS_ALLOW_UNSECURE_COMMANDS": "true"})
-    assert produced.env == {} and "NODE_OPTIONS" in produced.failure
+    assert produced.env == {} and not produced.failure
+    assert produced.annotations == ["Error: Can't update NODE_OPTIONS environment variable "
+                                    "using ::set-env:: command."]
+
+
+def test_commands_without_a_name_fail_the_step(tmp_path: Path) -> None:
+    """"Setting an output parameter" (set-output's required name property): without it the
+    command fails the step with the runner's message, and sets nothing."""
+    shown, produced = process(tmp_path, "::set-output::v\n")
+    assert produced.outputs == {}
+    assert produced.failure == "Required field 'name' is missing in ##[set-output] command."
+    assert "Unable to process command '::set-output::v' successfully." in shown
 
 
 def test_stop_commands_and_resume(tmp_path: Path) -> None:
     """"Stopping and starting workflow commands": between ::stop-commands::TOKEN and
-    ::TOKEN:: command lines are plain output; after it, commands work again."""
+    ::TOKEN:: command lines are plain output; after it, commands work again (both lines
+    shown, as the runner echoes them)."""
     shown, produced = process(tmp_path, "::stop-commands::tok123\n::warning::plain\n"
-                              "::set-output name=a::1\n::tok123::\n::set-output name=b::2\n")
+                              "::set-output name=a::1\n::TOK123::\n::set-output name=b::2\n")
     assert "::warning::plain\n" in shown and "::set-output name=a::1\n" in shown
-    assert produced.outputs == {"b": "2"} and "::tok123::" not in shown
+    assert produced.outputs == {"b": "2"} and produced.annotations == []
+    assert "::stop-commands::tok123\n" in shown and "::TOK123::\n" in shown
+
+
+@pytest.mark.parametrize("token", ["", "pause-logging", "add-mask", "Set-Output"])
+def test_weak_stop_tokens_are_refused(tmp_path: Path, token: str) -> None:
+    """"Stopping and starting workflow commands" (the runner's stop-token check): a token
+    that is empty, pause-logging or a command's name is refused, commands go on being
+    processed; ACTIONS_ALLOW_UNSECURE_STOPCOMMAND_TOKENS=true allows it."""
+    text = f"::stop-commands::{token}\n::set-output name=a::1\n"
+    _, produced = process(tmp_path, text)
+    assert "You cannot use a endToken that is an empty string" in produced.failure
+    assert produced.outputs == {"a": "1"}
+    _, produced = process(tmp_path, text,
+                          {"ACTIONS_ALLOW_UNSECURE_STOPCOMMAND_TOKENS": "true"})
+    assert not produced.failure and produced.outputs == ({} if token else {"a": "1"})
 
 
 def test_annotations_with_properties(tmp_path: Path) -> None:
@@ -125,3 +153,22 @@ def test_parse_forms() -> None:
     assert command is not None and command.name == "warning"
     assert command.properties == {"file": "a.py", "line": "3"}
     assert command.data == "msg::with colons"
+
+
+def test_annotation_ranges_and_property_case(tmp_path: Path) -> None:
+    """"Setting an error message" (file, line, endLine, col, endColumn, title): a range is
+    shown as file:line-endLine:col-endColumn; property names are case-insensitive, as the
+    runner reads them; %0A in data is a newline."""
+    _, produced = process(tmp_path, "::warning FILE=a.py,line=2,ENDLINE=5,col=1,endColumn=9"
+                                    "::two%0Alines\n")
+    assert produced.annotations == ["Warning: a.py:2-5:1-9: two\nlines"]
+
+
+def test_add_path_repeated_moves_to_the_front(tmp_path: Path) -> None:
+    """"Adding a system path" (opted in with ACTIONS_ALLOW_UNSECURE_COMMANDS): newest first,
+    a repeated path moved to the front rather than listed twice; an empty one fails."""
+    _, produced = process(tmp_path, "::add-path::/a\n::add-path::/b\n::add-path::/a\n",
+                          {"ACTIONS_ALLOW_UNSECURE_COMMANDS": " True "})
+    assert produced.path == ["/a", "/b"] and not produced.failure
+    _, produced = process(tmp_path, "::add-path::\n", {"ACTIONS_ALLOW_UNSECURE_COMMANDS": "true"})
+    assert produced.failure

@@ -76,11 +76,16 @@ def test_matrix_values_spliced_from_an_expression(tmp_path: Path) -> None:
 
 
 def test_a_matrix_that_cannot_be_built_fails_its_job(tmp_path: Path) -> None:
-    """workflow-syntax "jobs.<job_id>.strategy.matrix": an expression that does not give a
-    matrix fails that job (with the reason), not the run."""
-    wf = load(tmp_path, "on: push\njobs:\n  m:\n    strategy:\n"
-              "      matrix: ${{ fromJSON('[1]') }}\n    steps: [{run: x}]\n")
-    assert run(tmp_path, wf, {}) == {"m": "failed"}
+    """workflow-syntax "jobs.<job_id>.strategy.matrix": a matrix from needs outputs that is
+    not a matrix fails that job (with the reason), not the run; one of literals only is
+    refused at load, with file:line and job."""
+    wf = load(tmp_path, "on: push\njobs:\n  p: {steps: [{run: x}]}\n  m:\n    needs: p\n"
+              "    strategy:\n      matrix: ${{ fromJSON(needs.p.outputs.m) }}\n"
+              "    steps: [{run: x}]\n")
+    assert run(tmp_path, wf, {}, {"p": {"m": "[1]"}}) == {"p": "success", "m": "failed"}
+    with pytest.raises(WorkflowError, match=r"ci\.yml:3: job 'm': strategy\.matrix must be"):
+        load(tmp_path, "on: push\njobs:\n  m:\n    strategy:\n"
+             "      matrix: ${{ fromJSON('[1]') }}\n    steps: [{run: x}]\n")
 
 
 def test_skipped_when_any_ancestor_failed(tmp_path: Path) -> None:
