@@ -200,10 +200,13 @@ class _References:
 
     def _target(self, ref: Reference, where: str, name: str,
                 chain: list[tuple[Any, ...]]) -> Any:
-        shown = ("!reference [" + ", ".join(f'"{k}"' for k in ref) + "]")[:300]
+        # Ruby's Array#inspect, as GitLab's messages show the sequence
+        shown = ("!reference [" + ", ".join(f'"{k}"' if isinstance(k, str) else repr(k)
+                                            for k in ref) + "]")[:300]
         seq = tuple(ref)
-        if not seq or not all(isinstance(k, str) for k in seq):
-            raise CIError(f"{where}: job {name!r}: {shown} must be a list of key names")
+        if not seq or not all(isinstance(k, str) for k in seq):  # Tags::Reference#valid?
+            raise CIError(f"{where}: job {name!r}: {shown} is not valid (a !reference is a "
+                          "non-empty array of key names)")
         if seq in chain:
             raise CIError(f"{where}: job {name!r}: {shown} is part of a circular chain")
         if len(chain) >= MAX_REFERENCE_DEPTH:

@@ -44,7 +44,8 @@ class _Loader(yaml.SafeLoader):
 def _reference(loader: yaml.SafeLoader, node: yaml.Node) -> Reference:
     if not isinstance(node, yaml.SequenceNode):
         raise yaml.constructor.ConstructorError(
-            None, None, "!reference must be a sequence of keys", node.start_mark)
+            None, None, f"!reference {str(node.value)[:100]!r} is not valid (a !reference is "
+            "a non-empty array of key names)", node.start_mark)
     return Reference(loader.construct_sequence(node))
 
 
@@ -89,6 +90,12 @@ def parse_yaml(text: str, path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     if isinstance(node, yaml.MappingNode):
         lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value
                  if isinstance(k, yaml.ScalarNode)}
+        for key_node, _ in node.value:  # `1:`, `null:`, `true:` parse to no string
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in (
+                    "tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"):  # `<<: *anchor`
+                raise CIError(f"{path}:{key_node.start_mark.line + 1}: "
+                              f"{str(getattr(key_node, 'value', ''))[:100]!r}: a job name or "
+                              "keyword must be a string")
     for key in data:
         if not isinstance(key, str):
             raise CIError(f"{path}:{lines.get(str(key), 0)}: {key!r}: a job name or keyword "

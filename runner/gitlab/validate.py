@@ -11,6 +11,13 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from kata_ci.runner.gitlab.keywords import DEFAULT_KEYS, JOB_KEYS, JOB_WHENS, RULE_KEYS
+from kata_ci.runner.gitlab.shapes import (
+    check_artifacts,
+    check_cache,
+    check_id_tokens,
+    check_job_extras,
+    check_retry_details,
+)
 from kata_ci.runner.gitlab.source import CIError
 
 MAX_SCRIPT_NESTING = 10  # "a nested array of strings up to 10 levels deep"
@@ -39,6 +46,8 @@ def _is_script(value: Any, depth: int = 0) -> bool:
     if isinstance(value, str):
         return True
     if isinstance(value, list) and depth < MAX_SCRIPT_NESTING:
+        # GitLab's validate_string takes only strings (`- true` is refused there); scalars
+        # are still taken: files in use write `script: [true]`
         return all(isinstance(v, SCALARS) or _is_script(v, depth + 1) for v in value)
     return False
 
@@ -228,6 +237,7 @@ def _check_retry(value: Any, where: str) -> None:
         raise CIError(f"{where}:retry config contains unknown keys (max, when, exit_codes)")
     if isinstance(retry, bool) or not isinstance(retry, int) or not 0 <= retry <= 2:
         raise CIError(f"{where}:retry config should be an integer between 0 and 2 or a hash")
+    check_retry_details(value, where)
 
 
 def _check_inherit(inherit: Any, where: str) -> None:
@@ -252,6 +262,15 @@ def _check_timeout(key: str, value: Any, where: str) -> None:
         raise CIError(f"{where}:{key} config should be a duration")
 
 
+def _check_hooks(key: str, value: Any, where: str) -> None:
+    """hooks:pre_get_sources_script, the one hook GitLab has: a script."""
+    if not isinstance(value, dict) or set(map(str, value)) - {"pre_get_sources_script"}:
+        raise CIError(f"{where}:{key} config should be a hash of pre_get_sources_script")
+    if "pre_get_sources_script" in value:
+        _check_script("pre_get_sources_script", value["pre_get_sources_script"],
+                      f"{where}:{key}")
+
+
 def _check_strings(key: str, value: Any, where: str) -> None:
     if not _strings(value):
         raise CIError(f"{where}:{key} config should be an array of strings")
@@ -270,9 +289,8 @@ SHARED: dict[str, Callable[[str, Any, str], None]] = {
     "timeout": _check_timeout,
     "retry": lambda key, value, where: _check_retry(value, where),
     "interruptible": _check_shape(bool, "a boolean value"),
-    "artifacts": _check_shape(dict, "a hash"), "hooks": _check_shape(dict, "a hash"),
-    "id_tokens": _check_shape(dict, "a hash"),
-    "cache": _check_shape((dict, list), "a hash or an array of hashes"),
+    "artifacts": check_artifacts, "hooks": _check_hooks, "id_tokens": check_id_tokens,
+    "cache": check_cache,
     "tags": lambda key, value, where: _check_strings(key, value, where),
 }
 
@@ -329,10 +347,7 @@ def check_job(name: str, body: dict[str, Any], where_line: str) -> None:
         _check_inherit(body["inherit"], where)
     if "dependencies" in body and not _strings(body["dependencies"]):
         raise CIError(f"{where}:dependencies config should be an array of strings")
-    if "environment" in body and not isinstance(body["environment"], (str, dict)):
-        raise CIError(f"{where}:environment config should be a hash or a string")
-    if "trigger" in body and not isinstance(body["trigger"], (str, dict)):
-        raise CIError(f"{where}:trigger config should be a hash or a string")
+    check_job_extras(body, where)
 
 
 def check_default(default: Any, where: str) -> None:

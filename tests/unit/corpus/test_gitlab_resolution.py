@@ -78,7 +78,10 @@ def test_reference_sees_the_extended_job(tmp_path: Path) -> None:
      "is part of a circular chain"),
     ("job: {script: [!reference [.missing, script]]}\n", "could not be found"),
     ("job: {script: !reference [job, script]}\n", "is part of a circular chain"),
-    ("job: {script: [!reference []]}\n", "must be a list of key names"),
+    ("job: {script: [!reference []]}\n", r"!reference \[\] is not valid"),
+    ("job: {script: [!reference [{}]]}\n", r"!reference \[\{\}\] is not valid"),
+    ("job: {script: [!reference [.a, 1]]}\n.a: {1: x}\n", r"\[\".a\", 1\] is not valid"),
+    ("job: {script: !reference .a}\n", "'.a' is not valid"),
 ])
 def test_bad_references_are_errors(tmp_path: Path, text: str, message: str) -> None:
     """yaml_optimization.md "!reference tags": a cycle or a missing target is an error in
@@ -348,3 +351,75 @@ def test_include_link_out_of_the_project_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CIError) as caught:
         pipeline(tmp_path, "include: ci/a.yml\njob: {script: [x]}\n")
     assert "stolen" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("{script: [x], artifacts: {paths: a}}", "artifacts:paths config should be an array of s"),
+    ("{script: [x], artifacts: {when: never}}", "artifacts when should be on_success, on_fai"),
+    ("{script: [x], artifacts: {expire}}", "artifacts config contains unknown keys: expire"),
+    ("{script: [x], cache: [1]}", "cache config should be a hash or an array of hashes"),
+    ("{script: [x], cache: [{}, {}, {}, {}, {}]}", "no more than 4 caches can be created"),
+    ("{script: [x], cache: {key: [a]}}", "cache:key config should be a hash, a string"),
+    ("{script: [x], cache: {key: {files: a}}}", "cache:key:files config should be an array"),
+    ("{script: [x], environment: {url: x}}", "environment name can't be blank"),
+    ("{script: [x], environment: {name: p, action: go}}", "environment action should be"),
+    ("{trigger: {projekt: a}}", "trigger config contains unknown keys: projekt"),
+    ("{script: [x], retry: {max: 1, when: [1]}}", "retry when should be a string or an arr"),
+    ("{script: [x], retry: {max: 1, exit_codes: [a]}}", "retry exit_codes should be an int"),
+    ("{script: [x], hooks: {pre_get_sources_script: {a: 1}}}",
+     "hooks:pre_get_sources_script config should be a string or a nested array"),
+    ("{script: [x], id_tokens: {T: {aud: 1}}}", "id_tokens:T:aud config should be a string"),
+    ("{script: [x], secrets: {S: 1}}", "secrets config should be a hash of hashes"),
+    ("{script: [x], release: {name: r}}", "release tag name can't be blank"),
+    ("{script: [x], pages: 1}", "pages config should be a hash or a boolean value"),
+    ("{script: [x], identity: [g]}", "identity config should be a string"),
+])
+def test_keywords_kata_ci_ignores_are_still_validated(tmp_path: Path, body: str,
+                                                      message: str) -> None:
+    """ci/yaml "artifacts", "cache", "retry", "environment", "trigger", "hooks", "id_tokens",
+    "secrets", "release", "pages", "identity" ("Possible inputs"): a shape GitLab rejects is
+    refused with file:line and the job, though kata-ci does not act on the keyword."""
+    with pytest.raises(CIError, match=r"\.gitlab-ci\.yml:1: jobs:job:?.*" + message):
+        pipeline(tmp_path, f"job: {body}\n")
+
+
+def test_documented_shapes_of_ignored_keywords_pass(tmp_path: Path) -> None:
+    """ci/yaml "artifacts", "cache", "environment", "id_tokens", "release", "pages",
+    "hooks", "retry": the documented forms load (the checks above refuse no valid file)."""
+    p = pipeline(tmp_path, """\
+default:
+  cache: [{key: {files: [Gemfile.lock], prefix: r}, paths: [vendor], policy: pull}]
+  hooks: {pre_get_sources_script: [echo hi]}
+  retry: {max: 2, when: [runner_system_failure], exit_codes: 137}
+job:
+  script: [x]
+  artifacts: {paths: [out], exclude: [out/*.o], when: always, expire_in: 1 week,
+              reports: {junit: r.xml}}
+  environment: {name: review/$CI_COMMIT_REF_SLUG, url: https://x, action: start}
+  id_tokens: {T: {aud: [a, b]}}
+  release: {tag_name: v1, description: d, milestones: m1}
+  pages: {publish: public}
+  secrets: {S: {vault: a/b@c}}
+  identity: google_cloud
+""")
+    assert [j.name for j in p.jobs] == ["job"]
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("null: {script: [x]}\n", 1),
+    ("job: {script: [x]}\n1: {script: [x]}\n", 2),
+    ("job: {script: [x]}\ntrue: {script: [x]}\n", 2),
+])
+def test_top_level_keys_must_be_strings(tmp_path: Path, text: str, line: int) -> None:
+    """ci/yaml "Job keywords" (a job name is a string): `null:`, `1:` or `true:` at the top
+    level is refused on its own line."""
+    with pytest.raises(CIError, match=rf"\.gitlab-ci\.yml:{line}: .* a job name or keyword "
+                                      "must be a string"):
+        pipeline(tmp_path, text)
+
+
+def test_top_level_merge_key_is_a_yaml_anchor(tmp_path: Path) -> None:
+    """yaml_optimization.md "Anchors": `<<: *anchor` at the top level merges the anchored
+    jobs in (a merge key, not a job name)."""
+    p = pipeline(tmp_path, ".t: &t {a: {script: [x]}}\n<<: *t\nb: {script: [y]}\n")
+    assert [j.name for j in p.jobs] == ["a", "b"]
