@@ -62,8 +62,9 @@ class Command:
 
 
 def parse(line: str) -> Command | None:
-    """``line`` (one line, no newline) as a command, or None if it is not one."""
-    text = line.strip()
+    """``line`` (one line, no newline) as a command, or None if it is not one. Blanks
+    before it are allowed; blanks after it belong to the data, as the runner's TrimStart."""
+    text = line.lstrip()
     if not text.startswith("::"):
         return None
     end = text.find("::", 2)
@@ -185,8 +186,10 @@ class WorkflowCommands:
         handler(stream, command, text)
 
     def _add_mask(self, stream: Stream, command: Command, text: str) -> None:
-        value = command.data
-        if not value.strip():
+        # blanks around the value are not masked themselves: the value without them is, a
+        # superset of its occurrences (the runner keeps them; masking more is safe)
+        value = command.data.strip()
+        if not value:
             self._say(stream, "Warning: Can't add secret mask for empty string in ##[add-mask] "
                               "command.")
         elif not self.session.add_mask(value):

@@ -120,7 +120,7 @@ BUILTINS: dict[str, Callable[..., Any]] = {
     "format": lambda t, *a: _format(to_string(t), *a),
     "join": lambda a, sep=",": to_string(sep).join(map(to_string, a))
     if isinstance(a, list) else to_string(a),
-    "tojson": lambda v: json.dumps(v, indent=2),
+    "tojson": lambda v: json.dumps(_whole_numbers(v), indent=2),
     "fromjson": lambda s: _from_json(to_string(s)),
 }
 
@@ -131,6 +131,18 @@ def _from_json(text: str) -> Any:
     except ValueError as exc:
         raise ExpressionError(f"fromJSON: not JSON: {text!r} ({exc})") from None
     return _numbers_as_float(value)
+
+
+def _whole_numbers(value: Any) -> Any:
+    """Numbers as toJSON prints them: a whole number without `.0` (GitHub's `toJSON(1)` is
+    `1`; every number here is a float, as in GitHub's expressions)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole_numbers(v) for k, v in value.items()}
+    return value
 
 
 def _numbers_as_float(value: Any) -> Any:

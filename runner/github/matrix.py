@@ -1,5 +1,7 @@
 """A job's `strategy.matrix` expanded into its combinations (doc: workflow-syntax,
-"jobs.<job_id>.strategy.matrix" and "Expanding or adding matrix configurations")."""
+"jobs.<job_id>.strategy.matrix" and "Expanding or adding matrix configurations"). As GitHub's
+parser: a matrix with neither a vector nor an include is refused; one whose every combination
+is excluded runs once, without matrix values."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ MAX_MATRIX = 256  # GitHub: "A matrix will generate a maximum of 256 jobs per wo
 
 def expand_matrix(matrix: Any, where: str) -> list[dict[str, Any]]:
     """Combinations as documented ("Expanding or adding matrix configurations")."""
-    if matrix is None or matrix == {}:
+    if matrix is None:
         return [{}]
     if not isinstance(matrix, dict):
         raise WorkflowError(f"{where}: strategy.matrix must be a mapping, not {matrix!r}"[:300])
@@ -29,6 +31,10 @@ def expand_matrix(matrix: Any, where: str) -> list[dict[str, Any]]:
         if not isinstance(rules[part], list) or not all(isinstance(r, dict)
                                                         for r in rules[part]):
             raise WorkflowError(f"{where}: matrix.{part} must be a list of mappings")
+    if not base_keys and not rules["include"]:
+        # GitHub's workflow parser: neither a vector nor an include fails the job (a
+        # dynamic `{"include": []}` does not make it vanish, nor its dependants run)
+        raise WorkflowError(f"{where}: Matrix must define at least one vector")
     combos = [dict(zip(base_keys, values, strict=True))
               for values in itertools.product(*(matrix[k] for k in base_keys))] \
         if base_keys else []
@@ -45,6 +51,8 @@ def expand_matrix(matrix: Any, where: str) -> list[dict[str, Any]]:
         if not matched:  # a combination of its own, whose values later includes keep
             combos.append(dict(extra))
             originals.append(dict(extra))
+    if not combos:  # every combination excluded: the job runs once, without matrix values
+        combos = [{}]
     if len(combos) > MAX_MATRIX:
         raise WorkflowError(f"{where}: a matrix may generate at most {MAX_MATRIX} jobs per "
                             f"workflow run, not {len(combos)}")

@@ -3,13 +3,15 @@
 As on GitHub's runner: each step is its own process in its shell (bash: `bash --noprofile
 --norc -eo pipefail {0}`); `$GITHUB_ENV`, `$GITHUB_PATH`, `$GITHUB_OUTPUT` and
 `$GITHUB_STEP_SUMMARY` are files the host empties before and reads back after every step
-(agent PutFiles/GetFiles); a step's `if` defaults to `success()`; `continue-on-error` keeps
-the job going. A step that cannot start (unknown shell, a bad expression) fails as a step,
-like any other failing step. In a job's container (its OCI image) a step without `shell:`
-runs with `bash -e` if the image has bash, else `sh -e`, as GitHub's runner falls back.
-`uses: actions/checkout` is the mounted checkout; other actions cannot be fetched and are
-skipped with a warning. Workflow commands on a step's output (`::add-mask::`,
-`::set-output`, `::error::`, `::group::`...) are acted upon as commands.py describes.
+(agent PutFiles/GetFiles), read as the runner reads them (a malformed one fails the step in
+its words; NODE_OPTIONS is refused with an error annotation); a step's `if` defaults to
+`success()`; `continue-on-error` keeps the job going. A step that cannot start (unknown
+shell, a bad expression) fails as a step, like any other failing step. In a job's container
+(its OCI image) a step without `shell:` runs with `bash -e` if the image has bash, else `sh
+-e`, as GitHub's runner falls back. `uses: actions/checkout` is the mounted checkout; other
+actions cannot be fetched and are skipped with a warning. Workflow commands on a step's
+output (`::add-mask::`, `::set-output`, `::error::`, `::group::`...) are acted upon as
+commands.py describes.
 """
 
 from __future__ import annotations
@@ -70,25 +72,47 @@ class JobState:
     annotations: list[str] = field(default_factory=list)  # ::error:: etc., masked
 
 
+class FileCommandError(UserError):
+    """A $GITHUB_ENV / $GITHUB_OUTPUT file the runner would not accept: the step fails."""
+
+
 def parse_env_file(text: str) -> dict[str, str]:
-    """NAME=value lines and NAME<<DELIM ... DELIM blocks (multiline values)."""
+    """NAME=value lines and NAME<<DELIM ... DELIM blocks (multiline values), read as the
+    runner does: whichever of `=` and `<<` comes first decides the form; empty lines are
+    skipped; anything else (no name, no delimiter, a block never closed, a line of neither
+    form) is refused with the runner's message (FileCommandError)."""
     out: dict[str, str] = {}
     lines = text.split("\n")
     i = 0
     while i < len(lines):
         line = lines[i]
         i += 1
-        heredoc = re.fullmatch(r"([^=<]+)<<(.+)", line)
-        if heredoc:
+        if not line:
+            continue
+        equals, heredoc = line.find("="), line.find("<<")
+        if equals >= 0 and (heredoc < 0 or equals < heredoc):
+            key, _, value = line.partition("=")
+            if not key:
+                raise FileCommandError(f"Invalid format '{line[:200]}'. Name must not be "
+                                       "empty")
+            out[key] = value
+        elif heredoc >= 0:
+            key, _, delimiter = line.partition("<<")
+            if not key or not delimiter:
+                raise FileCommandError(f"Invalid format '{line[:200]}'. "
+                                       f"{'Delimiter' if key else 'Name'} must not be empty")
             body = []
-            while i < len(lines) and lines[i] != heredoc.group(2):
+            while i < len(lines) and lines[i] != delimiter:
                 body.append(lines[i])
                 i += 1
+            if i >= len(lines):  # a value without its delimiter is not cut short
+                raise FileCommandError("Invalid value. Matching delimiter not found "
+                                       f"'{delimiter[:200]}'")
             i += 1
-            out[heredoc.group(1)] = "\n".join(body)
-        elif "=" in line:
-            key, _, value = line.partition("=")
-            out[key] = value
+            out[key] = "\n".join(body)
+        else:
+            # the runner quotes the whole line; a hostile one is cut for the message
+            raise FileCommandError(f"Invalid format '{line[:200]}'")
     return out
 
 
@@ -318,11 +342,26 @@ class GitHubSteps:
         got = session.get_files(paths, STEP_FILE_LIMIT)
         env, path, output, summary = (
             (got[p] or b"").decode(errors="replace") for p in paths)
-        added = parse_env_file(env)
-        for name in RESERVED_ENV & {n.upper() for n in added}:
-            session.note(f"warning: Can't store {name} output parameter using '$GITHUB_ENV' "
-                         "command.")
+        added = self._file_command(session, "env", env, produced)
+        for name in sorted(RESERVED_ENV & {n.upper() for n in added}):
+            # the runner's error annotation; the step goes on, the variable unchanged
+            shown = f"Error: Can't store {name} output parameter using '$GITHUB_ENV' command."
+            session.sink.write("stderr", f"{shown}\n".encode())
+            self.state.annotations.append(shown)
         self.state.env.update({k: v for k, v in added.items() if k.upper() not in RESERVED_ENV})
         self.state.path[:0] = [p for p in reversed(path.splitlines()) if p.strip()]
-        record["outputs"] = {**produced.outputs, **parse_env_file(output)}
+        record["outputs"] = {**produced.outputs,
+                             **self._file_command(session, "output", output, produced)}
         return summary
+
+    def _file_command(self, session: Session, name: str, text: str,
+                      produced: StepCommands) -> dict[str, str]:
+        """One file command's pairs; a file the runner refuses fails the step, in its words
+        (what the other files hold still counts, as each is processed on its own)."""
+        try:
+            return parse_env_file(text)
+        except FileCommandError as exc:
+            for line in (f"Unable to process file command '{name}' successfully.", str(exc)):
+                session.sink.write("stderr", f"Error: {line}\n".encode())
+            produced.failure = produced.failure or str(exc)
+            return {}

@@ -34,7 +34,7 @@ from kata_ci.runner.github.available import (
 )
 from kata_ci.runner.github.available import WorkflowError as WorkflowError
 from kata_ci.runner.github.container import Container, parse_container, parse_services
-from kata_ci.runner.github.expr import evaluate_tree, render
+from kata_ci.runner.github.expr import evaluate_tree, render, to_string
 from kata_ci.runner.github.matrix import MAX_MATRIX as MAX_MATRIX
 from kata_ci.runner.github.matrix import expand_matrix as expand_matrix
 
@@ -382,9 +382,13 @@ def _minutes(value: Any, where: str, job: str) -> float | str | None:
 
 
 def _display(value: Any) -> str:
+    """A matrix value in a shown name; a number from fromJSON as GitHub prints it (1, not
+    1.0)."""
     if isinstance(value, dict):
         return ", ".join(_display(v) for v in value.values())
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_display(v) for v in value) + "]"
+    return to_string(value)
 
 
 def _check_cycles(jobs: dict[str, Any], path: Path) -> None:
