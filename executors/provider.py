@@ -9,11 +9,12 @@ a template of its size (built once, kept in the cache) and boots cold when it ca
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from kata_ci import paths
 from kata_ci.errors import RestoreFailed, SystemFailure
@@ -44,12 +45,30 @@ class VMRequest:
     workspace_ids: tuple[int, int] = (0, 0)  # VMSpec.workspace_ids
 
 
+class VMListener(Protocol):
+    """Told of every VM the provider hands out and takes back (metrics, job milestones);
+    called in the job's thread. A listener that raises is the listener's bug: ignored."""
+
+    def started(self, vm: VM) -> None: ...  # its agent answered; vm.boot_times is set
+
+    def released(self, vm: VM) -> None: ...  # gone, every host resource with it
+
+
 class VMProvider(abc.ABC):
     # OCI images jobs run in (images/oci/): the host's one cache, made at first use.
     registries = RegistryConfig()
     pull_policy = "always"
     image_progress: Notify | None = None
     _images: ImageStore | None = None
+    _listeners: tuple[VMListener, ...] = ()
+
+    def listen(self, listener: VMListener) -> None:
+        self._listeners = (*self._listeners, listener)
+
+    def _tell(self, event: str, vm: VM) -> None:
+        for listener in self._listeners:
+            with contextlib.suppress(Exception):
+                getattr(listener, event)(vm)
 
     def image_store(self) -> ImageStore:
         if self._images is None:
@@ -92,14 +111,14 @@ class ColdBootProvider(VMProvider):
         """Ahead of need (worker start, `images build`): nothing to do for cold boots."""
         return []
 
-    @staticmethod
-    def _start(vm: VM, request: VMRequest, on_created: Callable[[VM], None]) -> VM:
+    def _start(self, vm: VM, request: VMRequest, on_created: Callable[[VM], None]) -> VM:
         try:
             on_created(vm)
             vm.boot_times = vm.start(request.boot_timeout)
         except BaseException:
             vm.kill()
             raise
+        self._tell("started", vm)
         return vm
 
     def release(self, vm: VM, graceful: bool) -> None:
@@ -110,6 +129,7 @@ class ColdBootProvider(VMProvider):
             pass
         finally:
             vm.kill()
+            self._tell("released", vm)
 
 
 class SnapshotProvider(ColdBootProvider):

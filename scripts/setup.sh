@@ -14,6 +14,8 @@ packages=(
   git                                                   # GitLab jobs' sources; git-http-backend in tests
   skopeo zstd                                           # OCI images: pulls, zstd layers (images/oci/)
   docker-registry busybox-static                        # OCI tests: a loopback registry, busybox images
+  chromium chromium-driver                              # status page tests (headless)
+  systemd-container                                     # ansible test: a booted Debian target
   python3 python3-venv python3-dev ca-certificates
 )
 missing=()

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kata_ci.errors import UserError
+from kata_ci.runner.cli.daemon_options import daemon_options, start_daemon
 from kata_ci.runner.cli.queue import _usage_errors, config_option
 from kata_ci.runner.core import config as config_mod
 
@@ -65,18 +66,19 @@ def _listen(text: str) -> tuple[str, int]:
               help="HOST:PORT of the webhook endpoint (put TLS in front of it).")
 @click.option("--no-reconcile", is_flag=True, help="Only the webhook endpoint.")
 @config_option
+@daemon_options
 @_usage_errors
-def serve(listen: str, no_reconcile: bool, config_path: Path | None) -> None:
+def serve(listen: str, no_reconcile: bool, config_path: Path | None,
+          metrics_listen: str | None, log_format: str) -> None:
     """Answer workflow_job webhooks and reconcile with GitHub (blocks)."""
     from kata_ci.runner.github_runner.api import GitHubAPI
     from kata_ci.runner.github_runner.reconcile import Reconciler, loop
     from kata_ci.runner.github_runner.server import WebhookServer
     from kata_ci.runner.github_runner.webhook import Webhooks
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("urllib3", "github"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     cfg, store, state, send = _parts(config_path)
+    start_daemon(log_format, metrics_listen, cfg.queue.broker)
+    logging.getLogger("github").setLevel(logging.WARNING)
     hooks = Webhooks(cfg.github, cfg.github.webhook_secret(), store, state,
                      send, cfg.queue.max_job_timeout)
 

@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kata_ci.errors import UserError
+from kata_ci.runner.cli.daemon_options import daemon_options, start_daemon
 from kata_ci.runner.cli.queue import _usage_errors, config_option
 from kata_ci.runner.core import config as config_mod
 from kata_ci.runner.gitlab_runner import settings
@@ -150,16 +151,17 @@ def list_runners(config_path: Path | None) -> None:
 @click.option("--check-interval", type=float, default=3.0, show_default=True,
               help="Seconds between requests when GitLab answers at once (no long poll).")
 @config_option
+@daemon_options
 @_usage_errors
-def run(check_interval: float, config_path: Path | None) -> None:
+def run(check_interval: float, config_path: Path | None, metrics_listen: str | None,
+        log_format: str) -> None:
     """Take jobs from GitLab for the workers of each runner's label (blocks)."""
     from kata_ci.runner.gitlab_runner.poller import Poller
     from kata_ci.runner.queue.app import sender
     from kata_ci.runner.queue.store import JobStore
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request is noise
     cfg = config_mod.load(config_path)
+    start_daemon(log_format, metrics_listen, cfg.queue.broker)
     store = JobStore.connect(cfg.queue.broker, cfg.queue.log_limit_mib << 20,
                              requeue=sender(cfg.queue.broker, cfg.queue.max_job_timeout))
     poller = Poller(cfg, config_path or config_mod.default_path(), store,

@@ -7,7 +7,6 @@ cancelled (Ctrl-C while following cancels the job), 2 bad input (nothing was que
 from __future__ import annotations
 
 import datetime
-import logging
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from kata_ci.errors import UserError
+from kata_ci.runner.cli.daemon_options import daemon_options, start_daemon
 from kata_ci.runner.core import config as config_mod
 from kata_ci.runner.core.env import parse_env, user_term
 from kata_ci.runner.core.outcome import EXIT_CANCELLED, FINAL, JobStatus, exit_status
@@ -62,17 +62,19 @@ def _usage_errors(func: click.decorators.FC) -> click.decorators.FC:
 @click.option("-l", "--label", "labels", multiple=True, help="Label to serve (repeatable).")
 @click.option("-c", "--concurrency", type=int, help="VMs this host may run at once.")
 @config_option
+@daemon_options
 @_usage_errors
-def worker(labels: tuple[str, ...], concurrency: int | None, config_path: Path | None) -> None:
+def worker(labels: tuple[str, ...], concurrency: int | None, config_path: Path | None,
+           metrics_listen: str | None, log_format: str) -> None:
     """Consume jobs from the queue and run each in a fresh microVM."""
     from kata_ci.runner.queue.worker import start_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = config_mod.load(config_path)
     count = concurrency or cfg.queue.concurrency
     if count < 1:
         raise UserError(f"concurrency must be >= 1, not {count}")
-    start_worker(cfg, list(labels) or cfg.queue.labels, count)
+    start_daemon(log_format, metrics_listen, cfg.queue.broker)
+    start_worker(cfg, list(labels) or cfg.queue.labels, count, quiet=log_format == "json")
 
 
 @click.command()

@@ -26,6 +26,7 @@ from kata_ci.runner.github_runner.state import (
     Send,
     create_demand,
 )
+from kata_ci.runner.ops.metrics import RECONCILE_ACTIONS
 from kata_ci.runner.queue.store import JobStore
 
 log = logging.getLogger("kata_ci.github.reconcile")
@@ -134,10 +135,22 @@ def loop(reconciler: Reconciler, stop: threading.Event,
     while True:
         try:
             report = reconciler.once()
+            count(report)
             if report.created or report.deleted or report.closed:
                 log.info("reconcile: %d runners asked for, %d deregistered, %d closed",
                          len(report.created), len(report.deleted), len(report.closed))
         except Exception as exc:  # GitHub or Redis away, or a bug: try next round
+            RECONCILE_ACTIONS.labels("failed").inc()
             on_error(exc)
         if stop.wait(reconciler.gh.reconcile_interval):
             return
+
+
+def count(report: Report) -> None:
+    """A round's actions as metrics (ops/metrics.py)."""
+    if report.skipped:
+        RECONCILE_ACTIONS.labels("skipped").inc()
+    for action, done in (("requested", report.created), ("deregistered", report.deleted),
+                         ("closed", report.closed)):
+        if done:
+            RECONCILE_ACTIONS.labels(action).inc(len(done))

@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from kata_ci.runner.github_runner.webhook import Answer, Webhooks
+from kata_ci.runner.ops.metrics import VERDICTS, WEBHOOK_DELIVERIES, bounded
 
 log = logging.getLogger("kata_ci.github.server")
 MAX_CONCURRENT = 32
@@ -97,10 +98,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         if self.path != "/webhook":
-            self._answer(Answer(404, "not found"))
+            self._answer(Answer(404, "not found", "malformed"))
             return
         if not self.server.slots.acquire(blocking=False):
-            self._answer(Answer(503, "busy"))
+            self._answer(Answer(503, "busy", "busy"))
             return
         try:
             self._answer(self._delivery())
@@ -109,18 +110,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _delivery(self) -> Answer:
         if self.headers.get("Transfer-Encoding"):
-            return Answer(411, "a Content-Length is required")
+            return Answer(411, "a Content-Length is required", "malformed")
         length_text = self.headers.get("Content-Length", "")
         if not length_text.isdigit():
-            return Answer(411, "a Content-Length is required")
+            return Answer(411, "a Content-Length is required", "malformed")
         length = int(length_text)
         if length > self.server.hooks.max_body:
             self.close_connection = True  # the body is never read
-            return Answer(413, f"body over {self.server.hooks.max_body} bytes")
+            return Answer(413, f"body over {self.server.hooks.max_body} bytes", "too_large")
         body = self.rfile.read(length)
         self._cutter.cancel()  # all in: handling it is ours to finish
         if len(body) != length:
-            return Answer(400, "body shorter than its Content-Length")
+            return Answer(400, "body shorter than its Content-Length", "malformed")
         headers = {k.lower(): v for k, v in self.headers.items()}
         try:
             return self.server.hooks.handle(headers, body)
@@ -130,6 +131,8 @@ class _Handler(BaseHTTPRequestHandler):
             return Answer(500, "could not record the delivery")
 
     def _answer(self, answer: Answer) -> None:
+        if self.command == "POST":
+            WEBHOOK_DELIVERIES.labels(bounded(answer.verdict, VERDICTS)).inc()
         data = json.dumps({"message": answer.message}).encode()
         self.send_response(answer.status)
         self.send_header("Content-Type", "application/json")

@@ -34,6 +34,7 @@ MAX_LABELS, MAX_TEXT = 100, 512
 class Answer:
     status: int
     message: str
+    verdict: str = "error"  # for metrics: one of ops.metrics.VERDICTS
 
 
 @dataclass(frozen=True)
@@ -110,22 +111,22 @@ class Webhooks:
         """One delivery, whole body read (the server has checked its size)."""
         if not signature_ok(self.secret, body, headers.get("x-hub-signature-256")):
             log.warning("webhook refused: bad or missing X-Hub-Signature-256")
-            return Answer(401, "bad signature")
+            return Answer(401, "bad signature", "bad_signature")
         event = headers.get("x-github-event", "")
         if event == "ping":
-            return Answer(200, "pong")
+            return Answer(200, "pong", "ping")
         if event != "workflow_job":
-            return Answer(202, f"event {event[:40]!r} ignored")
+            return Answer(202, f"event {event[:40]!r} ignored", "ignored_event")
         guid = headers.get("x-github-delivery", "")
         if not GUID.fullmatch(guid):
-            return Answer(400, "missing or malformed X-GitHub-Delivery")
+            return Answer(400, "missing or malformed X-GitHub-Delivery", "malformed")
         try:
             job = parse(body)
         except ValueError as exc:  # signed by GitHub, yet not what we know: say it, keep none
             log.warning("webhook %s refused: %s", guid, exc)
-            return Answer(400, f"unreadable workflow_job payload: {exc}")
+            return Answer(400, f"unreadable workflow_job payload: {exc}", "malformed")
         if not self.state.first_delivery(guid):
-            return Answer(200, "duplicate delivery: already handled")
+            return Answer(200, "duplicate delivery: already handled", "duplicate")
         try:
             return self._act(job)
         except Exception:
@@ -134,11 +135,11 @@ class Webhooks:
 
     def _act(self, job: WorkflowJob) -> Answer:
         if not self.config.serves_repo(job.repo):
-            return Answer(202, f"repository {job.repo} is not served here")
+            return Answer(202, f"repository {job.repo} is not served here", "ignored_repo")
         label_set = self.config.label_set_for(job.labels)
         known = bool(self.state.job(job.id))
         if label_set is None and not known:
-            return Answer(202, f"no label set serves {job.labels}")
+            return Answer(202, f"no label set serves {job.labels}", "ignored_label")
         record: dict[str, Any] = {"repo": job.repo, "run_id": str(job.run_id),
                                   "name": job.name, "workflow": job.workflow,
                                   "labels": job.labels, "status": job.action}
@@ -156,13 +157,14 @@ class Webhooks:
             self.state.mark_busy(job.runner_name, job.id)
         if job.action == "completed" and not job.runner_name:
             self._unneeded(job)
-        return Answer(200, f"job {job.id} {job.action}")
+        return Answer(200, f"job {job.id} {job.action}", "updated")
 
     def _queued(self, job: WorkflowJob, set_key: str) -> Answer:
         label_set = self.config.label_set(set_key)
         assert label_set is not None
         if not self.state.claim_demand(job.id):
-            return Answer(200, f"job {job.id}: a runner was already asked for")
+            return Answer(200, f"job {job.id}: a runner was already asked for",
+                          "already_requested")
         created = create_demand(self.store, self.state, self.send, self.config, label_set,
                                 self.config.scope_of(job.repo), f"webhook: job {job.id}",
                                 self.max_timeout)
@@ -170,11 +172,12 @@ class Webhooks:
             log.info("job %s (%s): label set %s is at max_runners; reconcile asks later",
                      job.id, job.repo, set_key)
             self.state.release_demand(job.id)
-            return Answer(202, f"job {job.id}: at max_runners, queued for reconcile")
+            return Answer(202, f"job {job.id}: at max_runners, queued for reconcile",
+                          "deferred")
         self.state.record_job(job.id, {"kata_job": created})
         log.info("job %s (%s %s/%s) queued: runner demand %s on label %s", job.id, job.repo,
                  job.workflow, job.name, created, label_set.label)
-        return Answer(201, f"job {job.id}: runner requested ({created})")
+        return Answer(201, f"job {job.id}: runner requested ({created})", "accepted")
 
     def _unneeded(self, job: WorkflowJob) -> None:
         """A job that ended without ever getting a runner (cancelled while queued): one

@@ -10,6 +10,7 @@ backs off, the trace shipper honours GitLab's intervals).
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import httpx
 
 from kata_ci import __version__
 from kata_ci.errors import UserError
+from kata_ci.runner.ops.metrics import GITLAB_REQUESTS
 
 # Exactly what kata-ci implements: GitLab drops a job that needs a feature a runner does not
 # announce (runner_unsupported) instead of handing it over, so this list is a contract.
@@ -106,14 +108,22 @@ class GitLabAPI:
     def close(self) -> None:
         self.client.close()
 
-    def _send(self, method: str, path: str, token_header: tuple[str, str] | None = None,
-              timeout: float | None = None, **kwargs: Any) -> Reply:
+    def _send(self, endpoint: str, method: str, path: str,
+              token_header: tuple[str, str] | None = None, timeout: float | None = None,
+              **kwargs: Any) -> Reply:
+        """One request; counted by ``endpoint`` (a name of ours, never the path: the path
+        holds a job id) and HTTP status, or ``error`` when no answer came."""
         headers = {"X-Request-Id": uuid.uuid4().hex, **kwargs.pop("headers", {})}
         if token_header:
             headers[token_header[0]] = token_header[1]
         if timeout is not None:
             kwargs["timeout"] = timeout
-        response = self.client.request(method, path, headers=headers, **kwargs)
+        try:
+            response = self.client.request(method, path, headers=headers, **kwargs)
+        except httpx.HTTPError:
+            GITLAB_REQUESTS.labels(endpoint, "error").inc()
+            raise
+        GITLAB_REQUESTS.labels(endpoint, str(response.status_code)).inc()
         return Reply(response.status_code, {k.lower(): v for k, v in response.headers.items()},
                      response.content)
 
@@ -121,31 +131,31 @@ class GitLabAPI:
     def verify(self, token: str, system_id: str) -> Reply:
         """POST /runners/verify with the full info block: GitLab records the runner
         manager's features from it (without them it cancels jobs without after_script)."""
-        return self._send("POST", "runners/verify", ("RUNNER-TOKEN", token),
+        return self._send("verify", "POST", "runners/verify", ("RUNNER-TOKEN", token),
                           json={"token": token, "system_id": system_id, "info": info()})
 
     def reset_token(self, token: str) -> Reply:
-        return self._send("POST", "runners/reset_authentication_token", ("RUNNER-TOKEN", token),
-                          json={"token": token})
+        return self._send("reset_token", "POST", "runners/reset_authentication_token",
+                          ("RUNNER-TOKEN", token), json={"token": token})
 
     def unregister_manager(self, token: str, system_id: str) -> Reply:
-        return self._send("DELETE", "runners/managers", ("RUNNER-TOKEN", token),
-                          json={"token": token, "system_id": system_id})
+        return self._send("unregister_manager", "DELETE", "runners/managers",
+                          ("RUNNER-TOKEN", token), json={"token": token, "system_id": system_id})
 
     def request_job(self, token: str, system_id: str, last_update: str) -> Reply:
-        return self._send("POST", "jobs/request", ("RUNNER-TOKEN", token),
+        return self._send("request_job", "POST", "jobs/request", ("RUNNER-TOKEN", token),
                           timeout=LONG_POLL + 15,
                           json={"token": token, "system_id": system_id,
                                 "last_update": last_update, "info": info()})
 
     # -- a job ----------------------------------------------------------------------------
     def update_job(self, job_id: int, job_token: str, body: Mapping[str, Any]) -> Reply:
-        return self._send("PUT", f"jobs/{job_id}", ("JOB-TOKEN", job_token),
+        return self._send("update_job", "PUT", f"jobs/{job_id}", ("JOB-TOKEN", job_token),
                           json={"token": job_token, "info": info(), **body})
 
     def patch_trace(self, job_id: int, job_token: str, start: int, chunk: bytes) -> Reply:
         # Content-Range without a "bytes " prefix and with an inclusive end, as GitLab reads it
-        return self._send("PATCH", f"jobs/{job_id}/trace", ("JOB-TOKEN", job_token),
+        return self._send("patch_trace", "PATCH", f"jobs/{job_id}/trace", ("JOB-TOKEN", job_token),
                           params={"debug_trace": "false"}, content=chunk,
                           headers={"Content-Type": "text/plain",
                                    "Content-Range": f"{start}-{start + len(chunk) - 1}"})
@@ -154,8 +164,8 @@ class GitLabAPI:
                         query: Mapping[str, str]) -> Reply:
         """One artifacts entry: multipart with a single part named ``file``."""
         with file.open("rb") as data:
-            return self._send("POST", f"jobs/{job_id}/artifacts", ("JOB-TOKEN", job_token),
-                              params=dict(query), timeout=600.0,
+            return self._send("upload_artifact", "POST", f"jobs/{job_id}/artifacts",
+                              ("JOB-TOKEN", job_token), params=dict(query), timeout=600.0,
                               files={"file": (filename, data, "application/octet-stream")})
 
     def download_artifact(self, job_id: int, job_token: str, out: BinaryIO,
@@ -165,7 +175,14 @@ class GitLabAPI:
         url: str = f"jobs/{job_id}/artifacts"
         headers = {"JOB-TOKEN": job_token, "X-Request-Id": uuid.uuid4().hex}
         for _ in range(2):
-            with self.client.stream("GET", url, headers=headers, timeout=600.0) as response:
+            request = self.client.build_request("GET", url, headers=headers, timeout=600.0)
+            try:
+                response = self.client.send(request, stream=True)
+            except httpx.HTTPError:
+                GITLAB_REQUESTS.labels("download_artifact", "error").inc()
+                raise
+            GITLAB_REQUESTS.labels("download_artifact", str(response.status_code)).inc()
+            with contextlib.closing(response):
                 if response.status_code in (301, 302, 303, 307, 308):
                     target = httpx.URL(response.headers.get("location", ""))
                     target = response.url.join(target)

@@ -37,6 +37,7 @@ from kata_ci.runner.gitlab_runner.api import GitLabAPI
 from kata_ci.runner.gitlab_runner.follow import Follower, describe, inflight, record, try_lock
 from kata_ci.runner.gitlab_runner.payload import parse_job
 from kata_ci.runner.gitlab_runner.settings import GitLabRunner
+from kata_ci.runner.ops.metrics import GITLAB_JOBS_TAKEN
 from kata_ci.runner.queue import capacity
 from kata_ci.runner.queue.app import queue_name
 from kata_ci.runner.queue.store import JobStore
@@ -198,8 +199,10 @@ class Poller:
         except Exception as exc:  # the broker is gone: the job ends, GitLab is told so
             log.error("job %s: could not be queued: %s", created.id, exc)
             self.store.request_cancel(created.id)
+        GITLAB_JOBS_TAKEN.labels(runner.label).inc()  # a configured label: bounded
         log.info("%s: GitLab job %s (%s) is job %s on label %s", runner.shown, job_id,
-                 job.name, created.id, runner.label)
+                 job.name, created.id, runner.label,
+                 extra={"job_id": created.id, "source": "gitlab", "label": runner.label})
 
     def _refuse(self, api: GitLabAPI, job_id: int, token: str, why: str) -> None:
         """A job kata-ci cannot even start: its reason in its trace, failed at once."""

@@ -11,6 +11,7 @@ running fine: their heartbeats could not land either.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 
@@ -34,7 +35,9 @@ class Heartbeat:
         self.ttl = ttl
         self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+        # In the job's context (ops/context.py): its log lines name the job like the rest.
+        self._thread = threading.Thread(target=contextvars.copy_context().run,
+                                        args=(self._run,), name=f"lease-{job_id}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()

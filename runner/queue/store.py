@@ -159,6 +159,14 @@ redis.call('HSET', KEYS[1], 'state', 'cancelled', 'message', 'cancelled before i
 return 1
 """
 
+# Milestones, each set once, by the lease holder. KEYS: job. ARGV: token, field, value...
+_MARK = """
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class Job:
@@ -179,6 +187,12 @@ class Job:
     lease_until: float | None = None  # Redis server time; only while running
     source: str = "queue"  # queue (`submit`) | gitlab (`gitlab run`) | github (`github serve`)
     reason: str = ""  # Outcome.reason of a system failure (image_pull_failure)
+    host: str = ""  # the host of the worker that claimed it
+    # Milestones (worker's clock, like created/started/finished): its VM answered, and how
+    # it came to be (restore | cold); its first byte of output.
+    vm_ready_at: float | None = None
+    vm_start: str = ""
+    first_output_at: float | None = None
 
     @classmethod
     def from_hash(cls, raw: dict[bytes, bytes]) -> Job:
@@ -197,7 +211,9 @@ class Job:
                    message=get.get("message", ""), worker=get.get("worker", ""),
                    attempt=int(get.get("attempt", "0")), retry=get.get("retry") == "1",
                    lease_until=number("lease_until"), source=get.get("source", "queue"),
-                   reason=get.get("reason", ""))
+                   reason=get.get("reason", ""), host=get.get("host", ""),
+                   vm_ready_at=number("vm_ready_at"), vm_start=get.get("vm_start", ""),
+                   first_output_at=number("first_output_at"))
 
 
 def _text(value: bytes | str) -> str:
@@ -219,6 +235,7 @@ class JobStore:
         self._end = client.register_script(_END)
         self._append = client.register_script(_APPEND)
         self._cancel_queued = client.register_script(_CANCEL_QUEUED)
+        self._mark = client.register_script(_MARK)
 
     @classmethod
     def connect(cls, url: str, log_limit: int = 16 << 20, outage_seconds: float = 300.0,
@@ -313,6 +330,12 @@ class JobStore:
         self.r.hset(f"{PREFIX}host:{host}", job_id,
                     json.dumps({"pid": pid, "worker": worker, "token": token}))
         return token
+
+    def milestone(self, job_id: str, token: str, **fields: str) -> None:
+        """Record when the job reached a milestone (``vm_ready_at``, ``first_output_at``...),
+        the first time only, and only while ``token`` holds the running job."""
+        self._mark(keys=[self._job(job_id)], args=[token, *(x for kv in fields.items()
+                                                             for x in kv)])
 
     def renew(self, job_id: str, token: str, ttl: float) -> bool:
         """Extend the lease by ``ttl`` s from now; False when it is no longer this token's

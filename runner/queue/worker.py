@@ -18,12 +18,14 @@ import re
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from celery.signals import worker_shutting_down
 
 from kata_ci.errors import KataCIError, SystemFailure, UserError
+from kata_ci.executors.base import VM
 from kata_ci.executors.network.netns import available as netns_unavailable
 from kata_ci.executors.network.policy import NONE, NetworkPolicy
 from kata_ci.executors.provider import VMProvider, open_provider
@@ -35,6 +37,8 @@ from kata_ci.runner.core.lifecycle import run_job
 from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
 from kata_ci.runner.core.sinks import Stream, note
 from kata_ci.runner.core.spec import Command, Commands, JobSpec, job_network
+from kata_ci.runner.ops import context
+from kata_ci.runner.ops.metrics import SOURCES, JobMeter, VMMeter, bounded
 from kata_ci.runner.queue import capacity, quota
 from kata_ci.runner.queue.app import TASK, make_app, queue_name, sender
 from kata_ci.runner.queue.lease import Heartbeat, Reaper
@@ -49,15 +53,24 @@ JOB_ID = re.compile(r"[0-9a-f]{16}")  # what JobStore.create hands out
 
 class RedisSink:
     """Job output into the job's Redis log stream, as it arrives; with the claim's fencing
-    token, dropped once the job is no longer this worker's (ended while it was cut off)."""
+    token, dropped once the job is no longer this worker's (ended while it was cut off).
+    The first byte the job writes is its first-output milestone; every byte is metered."""
 
-    def __init__(self, store: JobStore, job_id: str, token: str = "") -> None:
+    def __init__(self, store: JobStore, job_id: str, token: str = "",
+                 meter: JobMeter | None = None) -> None:
         self.store = store
         self.job_id = job_id
         self.token = token
+        self.meter = meter
+        self._quiet = True
 
     def write(self, stream: Stream, data: bytes) -> None:
+        if self._quiet and stream != "kata-ci" and data and self.token:
+            self._quiet = False
+            self.store.milestone(self.job_id, self.token, first_output_at=str(time.time()))
         self.store.append_log(self.job_id, stream, data, self.token)
+        if self.meter is not None:
+            self.meter.output(len(data))
 
 
 class Daemon:
@@ -76,6 +89,15 @@ class Daemon:
         self.busy = 0
         self._busy_lock = threading.Lock()
         self._slots: tuple[list[str], int] | None = None  # labels, concurrency once announced
+        self.labels: list[str] = list(config.queue.labels)  # what metrics may name
+        self._tokens: dict[str, str] = {}  # job id -> fencing token, while it runs here
+        provider.listen(VMMeter(self._vm_ready))
+
+    def _vm_ready(self, job_id: str, vm: VM) -> None:
+        token = self._tokens.get(job_id)
+        if token:
+            how = "restore" if vm.boot_times and vm.boot_times.restored else "cold"
+            self.store.milestone(job_id, token, vm_ready_at=str(time.time()), vm_start=how)
 
     @contextlib.contextmanager
     def _busy(self) -> Iterator[None]:
@@ -105,6 +127,7 @@ class Daemon:
                 capacity.withdraw(self.store.r, self.name)
 
         self._slots = (labels, concurrency)
+        self.labels = list(labels)
         capacity.announce(self.store.r, self.name, labels, concurrency, self.busy, self.ttl)
         threading.Thread(target=loop, name="kata-ci-announce", daemon=True).start()
 
@@ -146,6 +169,11 @@ class Daemon:
         except (KeyError, ValueError, TypeError) as exc:  # a record not written by `submit`
             log.error("rejected message for job %s: unreadable record (%r)", job_id, exc)
             return
+        with context.job(job_id, bounded(job.source, SOURCES), bounded(job.label, self.labels)):
+            self._execute(job)
+
+    def _execute(self, job: Job) -> None:
+        job_id = job.id
         if self.stopping.is_set() and job.state == "queued" and self.store.requeue is not None:
             # Handed to the pool as the stop came: not started here, its message sent anew
             # for the next worker (this one no longer consumes). The job stays queued.
@@ -156,13 +184,21 @@ class Daemon:
         if token is None:
             log.info("job %s is %s: duplicate delivery ignored", job_id, job.state)
             return
-        log.info("job %s: running %s (attempt %s)", job_id, job.argv, token.rsplit(":", 1)[1])
+        log.info("job %s: running %s (attempt %s)", job_id, shown(job.argv),
+                 token.rsplit(":", 1)[1])
+        claimed = self.store.get(job_id)
+        meter = JobMeter(job.source, job.label, self.labels, job.created_at,
+                         claimed.started_at or time.time())
+        self._tokens[job_id] = token
         with Heartbeat(self.store, job_id, token, self.ttl) as beat:
             try:
-                outcome = self._run(job, token, beat)
+                outcome = self._run(job, token, beat, meter)
             except Exception as exc:
                 log.exception("job %s: unexpected error", job_id)
                 outcome = Outcome.system_failure(SystemFailure(f"worker error: {exc!r}"))
+            finally:
+                self._tokens.pop(job_id, None)
+        meter.finished(JobStatus.of(outcome).value)
         if beat.lost.is_set():
             self.store.forget(job_id, self.host)
             log.warning("job %s: its lease was lost; whoever ended it recorded the ending", job_id)
@@ -214,8 +250,8 @@ class Daemon:
         finally:
             quota.discard(workdir)
 
-    def _run(self, job: Job, token: str, beat: Heartbeat) -> Outcome:
-        sink = RedisSink(self.store, job.id, token)
+    def _run(self, job: Job, token: str, beat: Heartbeat, meter: JobMeter) -> Outcome:
+        sink = RedisSink(self.store, job.id, token, meter)
         with self._busy():
             if job.source == "gitlab":
                 return self._run_gitlab(job, sink, beat)
@@ -282,8 +318,10 @@ class Daemon:
             return run_job(spec, self.provider, sink, cancel)
 
 
-def start_worker(config: Config, labels: list[str], concurrency: int) -> None:
-    """Run the Celery worker in this process until it is stopped (blocks)."""
+def start_worker(config: Config, labels: list[str], concurrency: int,
+                 quiet: bool = False) -> None:
+    """Run the Celery worker in this process until it is stopped (blocks). ``quiet``: no
+    banner on stdout (JSON operator logs are lines of JSON only)."""
     quota.check(config.queue.workspace_quota_mib)  # refuse to start without enforcing it
     store = JobStore.connect(config.queue.broker, config.queue.log_limit_mib << 20,
                              requeue=sender(config.queue.broker, config.queue.max_job_timeout))
@@ -313,5 +351,5 @@ def start_worker(config: Config, labels: list[str], concurrency: int) -> None:
         app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}",
                          "-Q", ",".join(queue_name(lbl) for lbl in labels),
                          "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
-                         "--loglevel=INFO"])
+                         "--loglevel=INFO", *(["--quiet"] if quiet else [])])
 
