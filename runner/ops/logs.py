@@ -79,6 +79,7 @@ def configure(fmt: LogFormat = "text", level: int = logging.INFO) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python warnings as records: a JSON log stays JSON
     # Celery's and the HTTP libraries' chatter: warnings only (each request would be a line).
     for noisy in ("httpx", "httpcore", "urllib3", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

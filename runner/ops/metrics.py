@@ -51,6 +51,8 @@ VM_START = Histogram("kata_ci_vm_start_seconds",
                      "From the VMM process start to the guest agent's answer.",
                      ["mode"], buckets=VM_BUCKETS)
 VMS_RUNNING = Gauge("kata_ci_vms_running", "Job VMs running now in this process.")
+WORKER_SLOTS = Gauge("kata_ci_worker_slots", "The worker's job slots: all of them, and busy.",
+                     ["state"])
 LOG_BYTES = Counter("kata_ci_job_log_bytes_total",
                     "Job output bytes stored (after masking), by source and label.",
                     ["source", "label"])

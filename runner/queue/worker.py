@@ -38,7 +38,7 @@ from kata_ci.runner.core.outcome import JobStatus, Outcome, OutcomeKind
 from kata_ci.runner.core.sinks import Stream, note
 from kata_ci.runner.core.spec import Command, Commands, JobSpec, job_network
 from kata_ci.runner.ops import context
-from kata_ci.runner.ops.metrics import SOURCES, JobMeter, VMMeter, bounded
+from kata_ci.runner.ops.metrics import SOURCES, WORKER_SLOTS, JobMeter, VMMeter, bounded
 from kata_ci.runner.queue import capacity, quota
 from kata_ci.runner.queue.app import TASK, make_app, queue_name, sender
 from kata_ci.runner.queue.lease import Heartbeat, Reaper
@@ -111,6 +111,7 @@ class Daemon:
         """A slot taken or freed, told at once (a poller must not see a stale free slot)."""
         with self._busy_lock:
             self.busy += change
+            WORKER_SLOTS.labels("busy").set(self.busy)
             if self._slots:
                 with contextlib.suppress(Exception):
                     capacity.announce(self.store.r, self.name, *self._slots, self.busy, self.ttl)
@@ -127,6 +128,8 @@ class Daemon:
                 capacity.withdraw(self.store.r, self.name)
 
         self._slots = (labels, concurrency)
+        WORKER_SLOTS.labels("total").set(concurrency)
+        WORKER_SLOTS.labels("busy").set(self.busy)
         self.labels = list(labels)
         capacity.announce(self.store.r, self.name, labels, concurrency, self.busy, self.ttl)
         threading.Thread(target=loop, name="kata-ci-announce", daemon=True).start()
@@ -348,8 +351,9 @@ def start_worker(config: Config, labels: list[str], concurrency: int,
     app.task(name=TASK, acks_late=True)(daemon.task)
     worker_shutting_down.connect(lambda **_: daemon.stopping.set(), weak=False)
     with contextlib.suppress(KeyboardInterrupt):
-        app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}",
+        app.worker_main([*(["--quiet"] if quiet else []),  # celery's option, before `worker`
+                         "worker", "--pool=threads", f"--concurrency={concurrency}",
                          "-Q", ",".join(queue_name(lbl) for lbl in labels),
                          "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
-                         "--loglevel=INFO", *(["--quiet"] if quiet else [])])
+                         "--loglevel=INFO"])
 
