@@ -49,6 +49,7 @@ def _parts(config_path: Path | None) -> tuple[config_mod.Config, JobStore, GitHu
         raise UserError(f"{cfg.source or 'the config'}: no [[github.label_sets]]: kata-ci "
                         "serves no GitHub runs-on labels")
     store = JobStore.connect(cfg.queue.broker, cfg.queue.log_limit_mib << 20,
+                             retention=cfg.queue.retention,
                              requeue=sender(cfg.queue.broker, cfg.queue.max_job_timeout))
     return cfg, store, GitHubState(store.r), sender(cfg.queue.broker,
                                                     cfg.queue.max_job_timeout)

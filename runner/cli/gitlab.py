@@ -163,6 +163,7 @@ def run(check_interval: float, config_path: Path | None, metrics_listen: str | N
     cfg = config_mod.load(config_path)
     start_daemon(log_format, metrics_listen, cfg.queue.broker)
     store = JobStore.connect(cfg.queue.broker, cfg.queue.log_limit_mib << 20,
+                             retention=cfg.queue.retention,
                              requeue=sender(cfg.queue.broker, cfg.queue.max_job_timeout))
     poller = Poller(cfg, config_path or config_mod.default_path(), store,
                     sender(cfg.queue.broker, cfg.queue.max_job_timeout), check_interval)

@@ -40,6 +40,7 @@ def _store(config_path: Path | None) -> tuple[config_mod.Config, JobStore]:
 
     cfg = config_mod.load(config_path)
     return cfg, JobStore.connect(cfg.queue.broker, cfg.queue.log_limit_mib << 20,
+                                 retention=cfg.queue.retention,
                                  requeue=sender(cfg.queue.broker, cfg.queue.max_job_timeout))
 
 

@@ -150,11 +150,17 @@ class QueueConfig:
     # worker is gone (killed, host lost) ends within 4/3 x lease_ttl: system_failure, or
     # queued again once if submitted with --retry (runner/queue/lease.py).
     lease_ttl: float = 30.0
+    # Seconds an ended job's record and log stay in Redis (`jobs`, `logs`, the status page);
+    # then they go, so that Redis holds a bounded history however many jobs run.
+    retention: float = 7 * 86400.0
 
     def validate(self, source: str) -> QueueConfig:
         if not 1 <= self.lease_ttl <= 3600:
             raise UserError(f"{source}: queue.lease_ttl must be between 1 and 3600 seconds, "
                             f"not {self.lease_ttl:g}")
+        if self.retention < 60:
+            raise UserError(f"{source}: queue.retention must be at least 60 seconds, not "
+                            f"{self.retention:g}")
         return self
 
 

@@ -28,6 +28,9 @@ Keys (prefix ``kataci:``):
                   "graceful" (GitLab's canceling: the script stops, after_script runs)
   worker:<name>   a worker's free slots (capacity.py)
 
+History is bounded: an ended job's record and log go once it is older than ``retention``
+(``[queue] retention``, 7 days by default), swept as new jobs are created.
+
 A unit of GitHub demand carries ``source`` = github and ``github`` (JSON: label set, scope,
 runner name prefix); the GitHub side's own records are under ``gh:`` (github_runner/state.py).
 A job from GitLab carries ``source`` = gitlab and ``gitlab`` (JSON: the runner it came
@@ -55,6 +58,8 @@ PREFIX = "kataci:"
 LEASES = f"{PREFIX}leases"
 TRUNCATED = b"\n[kata-ci: log truncated: the job wrote more than the log limit]\n"
 DEFAULT_LEASE_TTL = 30.0
+DEFAULT_RETENTION = 7 * 86400.0
+SWEEP_BATCH, SWEEP_PAGES = 200, 5  # old jobs looked at per create: keeps pace with any rate
 Requeue = Callable[[str, str], None]  # (job id, label): send the job's message again
 
 # Redis server time in seconds: every lease is stamped and judged by the one clock.
@@ -225,10 +230,11 @@ class JobStore:
     allow a retry for a store that has one (every worker and every CLI command has one)."""
 
     def __init__(self, client: redis.Redis, log_limit: int = 16 << 20,
-                 requeue: Requeue | None = None) -> None:
+                 requeue: Requeue | None = None, retention: float = DEFAULT_RETENTION) -> None:
         self.r = client
         self.log_limit = log_limit
         self.requeue = requeue
+        self.retention = retention
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
         self._finish = client.register_script(_FINISH)
@@ -239,7 +245,8 @@ class JobStore:
 
     @classmethod
     def connect(cls, url: str, log_limit: int = 16 << 20, outage_seconds: float = 300.0,
-                requeue: Requeue | None = None) -> JobStore:
+                requeue: Requeue | None = None,
+                retention: float = DEFAULT_RETENTION) -> JobStore:
         """A store on ``url``. Unreachable at start: a UserError naming it, at once. Once
         connected, commands ride out a Redis restart of up to ``outage_seconds`` (retried with
         backoff): a running job's output then waits, its final state is never dropped."""
@@ -252,7 +259,7 @@ class JobStore:
             url, socket_connect_timeout=3, health_check_interval=10,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError])
-        return cls(client, log_limit, requeue)
+        return cls(client, log_limit, requeue, retention)
 
     # -- submission ------------------------------------------------------------------------
     def create(self, argv: Sequence[str], label: str, timeout: float, workspace: bytes | None,
@@ -279,7 +286,34 @@ class JobStore:
             pipe.set(f"{PREFIX}ws:{job_id}", workspace)
         pipe.zadd(f"{PREFIX}jobs", {job_id: now})
         pipe.execute()
+        self.sweep(now)
         return self.get(job_id)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Forget jobs created more than ``retention`` s ago that have ended (or whose
+        record is gone): their record, log and place in the history. Queued and running
+        ones stay however old, and so does a GitLab job until its poller has reported its
+        ending. Run at each ``create``, a bounded batch; returns how many went."""
+        cutoff = (now or time.time()) - self.retention
+        gone = kept = 0
+        for _ in range(SWEEP_PAGES):  # live old jobs are skipped, never a wall to the rest
+            old = cast(list[bytes], self.r.zrangebyscore(f"{PREFIX}jobs", "-inf", cutoff,
+                                                         start=kept, num=SWEEP_BATCH))
+            for raw in old:
+                job_id = raw.decode()
+                state, gitlab = self.r.hmget(self._job(job_id), ["state", "gitlab"])
+                if (state is not None and _text(state) not in FINAL) or gitlab:
+                    kept += 1
+                    continue
+                pipe = self.r.pipeline()
+                pipe.delete(self._job(job_id), f"{PREFIX}log:{job_id}",
+                            f"{PREFIX}ws:{job_id}", self._cancel(job_id))
+                pipe.zrem(f"{PREFIX}jobs", job_id)
+                pipe.execute()
+                gone += 1
+            if len(old) < SWEEP_BATCH or gone:
+                break
+        return gone
 
     def get(self, job_id: str) -> Job:
         raw = cast(dict[bytes, bytes], self.r.hgetall(self._job(job_id)))
@@ -288,8 +322,14 @@ class JobStore:
         return Job.from_hash(raw)
 
     def recent(self, count: int = 20) -> list[Job]:
+        """The newest ``count`` jobs still in the history, newest first."""
         ids = cast(list[bytes], self.r.zrevrange(f"{PREFIX}jobs", 0, count - 1))
-        return [self.get(i.decode()) for i in ids]
+        jobs = []
+        for job_id in ids:
+            raw = cast(dict[bytes, bytes], self.r.hgetall(self._job(job_id.decode())))
+            if raw:  # swept between the two reads
+                jobs.append(Job.from_hash(raw))
+        return jobs
 
     def gitlab(self, job_id: str) -> dict[str, Any] | None:
         """A GitLab job's runner and payload; None once its ending was reported."""

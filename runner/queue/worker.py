@@ -327,6 +327,7 @@ def start_worker(config: Config, labels: list[str], concurrency: int,
     banner on stdout (JSON operator logs are lines of JSON only)."""
     quota.check(config.queue.workspace_quota_mib)  # refuse to start without enforcing it
     store = JobStore.connect(config.queue.broker, config.queue.log_limit_mib << 20,
+                             retention=config.queue.retention,
                              requeue=sender(config.queue.broker, config.queue.max_job_timeout))
     name = f"kata-ci-{socket.gethostname()}-{os.getpid()}"
     # Images and acceleration once per worker, not per job: a worker without images refuses

@@ -302,3 +302,24 @@ def test_an_image_pull_failure_keeps_its_reason_for_gitlab(store: JobStore) -> N
         assert store.finish(job.id, token, "system_failure", None, outcome.message,
                             outcome.reason)
         assert store.get(job.id).reason == outcome.reason
+
+
+def test_history_is_swept_after_retention_but_live_jobs_stay(store: JobStore) -> None:
+    """Past `retention`, an ended job's record, log and history entry go; a queued job, a
+    running one and a GitLab job whose ending is not yet reported stay, however old."""
+    store.retention = 60
+    ended = store.create(["true"], "default", 60, b"ws")
+    store.append_log(ended.id, "stdout", b"out")
+    store.request_cancel(ended.id)
+    waiting = store.create(["true"], "default", 60, b"ws")
+    running = store.create(["true"], "default", 60, b"ws")
+    assert store.claim(running.id, "w", "h", 1)
+    unreported = store.create(["x"], "default", 60, None, gitlab={"payload": {}})
+    store.request_cancel(unreported.id)
+    assert store.sweep() == 0  # nothing is old yet
+    assert store.sweep(time.time() + 61) == 1
+    assert not store.r.exists(f"kataci:job:{ended.id}", f"kataci:log:{ended.id}")
+    assert [j.id for j in store.recent(10)] == [unreported.id, running.id, waiting.id]
+    store.reported(unreported.id)
+    assert store.sweep(time.time() + 200) == 1
+    assert {j.id for j in store.recent(10)} == {running.id, waiting.id}
