@@ -137,3 +137,33 @@ def test_api_client_jit_config_and_delete_through_pygithub(world: World) -> None
     assert world.api.delete_runner("org:octo-org", runner_id)  # already gone: fine
     assert world.api.runner("org:octo-org", runner_id) is None
     assert world.api.delete_runner("repo:octo-org/hello-world", repo_id)
+
+
+def test_reconcile_rounds_are_counted_as_metrics(world: World) -> None:
+    """One loop round that asks for two runners counts `requested` twice; a round while
+    another instance holds the lock counts `skipped` (read back through the client's
+    exposition and parser)."""
+    import threading
+
+    from prometheus_client import REGISTRY, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kata_ci.runner.github_runner.reconcile import loop
+
+    def actions() -> dict[str, float]:
+        text = generate_latest(REGISTRY).decode()
+        return {s.labels["action"]: s.value for f in text_string_to_metric_families(text)
+                if f.name == "kata_ci_github_reconcile_actions" for s in f.samples
+                if s.name.endswith("_total")}
+
+    before = actions()
+    for _ in range(2):
+        world.fake.queue_job(labels=("self-hosted", "kata-ci"), deliver=False)
+    done = threading.Event()
+    done.set()  # one round, then the loop returns
+    loop(world.reconciler(), done, lambda exc: None)
+    world.store.r.set(LOCK, b"1", ex=30)
+    loop(world.reconciler(), done, lambda exc: None)
+    after = actions()
+    assert after.get("requested", 0) - before.get("requested", 0) == 2
+    assert after.get("skipped", 0) - before.get("skipped", 0) == 1
