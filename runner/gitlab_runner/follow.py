@@ -28,6 +28,7 @@ import httpx
 
 from kata_ci.errors import KataCIError
 from kata_ci.runner.gitlab_runner.api import GitLabAPI, Reply
+from kata_ci.runner.ops import context
 from kata_ci.runner.queue.store import PREFIX, Job, JobStore
 
 log = logging.getLogger("kata_ci.gitlab")
@@ -79,6 +80,15 @@ class Follower(threading.Thread):
         self.wake = threading.Event()
 
     def run(self) -> None:
+        """In the job's context: the operator log's lines about it name it (ops/context.py)."""
+        try:
+            label = self.store.get(self.job_id).label  # set by our poller from its config
+        except Exception:
+            label = ""
+        with context.job(self.job_id, "gitlab", label):
+            self._run()
+
+    def _run(self) -> None:
         entry = self.store.gitlab(self.job_id)
         if entry is None:
             self.store.r.srem(INFLIGHT, self.job_id)
@@ -88,8 +98,7 @@ class Follower(threading.Thread):
         self.token = str(payload.get("token", ""))
         self.reasons = [str(r) for r in payload.get("features", {}).get("failure_reasons", [])]
         self.api = GitLabAPI(str(entry["url"]), verify=str(entry.get("ca") or "") or True)
-        threading.Thread(target=self._read, name=f"kata-ci-log-{self.job_id}",
-                         daemon=True).start()
+        context.spawn(self._read, name=f"kata-ci-log-{self.job_id}")
         try:
             self._follow()
         except Exception:  # a bug of ours must not take the poller down; the lock expires
