@@ -331,8 +331,9 @@ def doctor() -> None:
 
 def _register_queue_commands() -> None:
     from kata_ci.runner.cli.queue import COMMANDS
+    from kata_ci.runner.cli.status import status
 
-    for command in COMMANDS:
+    for command in (*COMMANDS, status):
         main.add_command(command)
 
 
