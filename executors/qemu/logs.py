@@ -103,11 +103,15 @@ class LogPump:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._lock:
-            for key in list(self._selector.get_map().values()):
+            for key in list((self._selector.get_map() or {}).values()):  # None once closed
                 with contextlib.suppress(OSError, KeyError, ValueError):
                     self._selector.unregister(key.fd)
                     os.close(key.fd)
                 key.data.close()
+            if self._thread is None or not self._thread.is_alive():
+                # Its epoll fd now, not when a reference cycle is collected (the churn
+                # bench saw them pile up between collections).
+                self._selector.close()
 
 
 def tail(path: Path, lines: int) -> str:

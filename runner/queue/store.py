@@ -396,7 +396,7 @@ class JobStore:
             host = self.r.hget(self._job(job_id), "host")
             if host:
                 self.forget(job_id, _text(host))
-            self.r.delete(f"{PREFIX}ws:{job_id}")
+            self.r.delete(f"{PREFIX}ws:{job_id}", self._cancel(job_id))
         return done
 
     def end_stranded(self, job_id: str, why: str = "", token: str = "") -> str:
@@ -416,7 +416,7 @@ class JobStore:
             keys=[self._job(job_id), LEASES, self._cancel(job_id), f"{PREFIX}log:{job_id}"],
             args=[token, why, job_id, str(time.time()), "1" if self.requeue else "0"])))
         if ending and ending != "queued":
-            self.r.delete(f"{PREFIX}ws:{job_id}")
+            self.r.delete(f"{PREFIX}ws:{job_id}", self._cancel(job_id))
         if ending == "queued" and self.requeue is not None:
             self.requeue(job_id, job.label)
         return ending

@@ -182,3 +182,28 @@ def test_second_run_in_a_busy_checkout_says_so(cli_env: dict[str, str], tmp_path
     finally:
         first.terminate()
         first.wait(60)
+
+
+def test_a_process_left_in_a_vms_cgroup_is_killed_and_the_cgroup_removed() -> None:
+    """A process still in a VM's cgroup when the VM is torn down (as virtiofsd's sandbox
+    child can be for a moment) is killed, and the cgroup goes: none outlives its VM."""
+    import signal
+    import uuid
+
+    from kata_ci.executors.qemu.confine import Limits, VMCgroup
+
+    group = VMCgroup(f"test-{uuid.uuid4().hex[:8]}", Limits(512 << 20, 1.0, 256))
+    dirs = group.create()
+    if not dirs:
+        pytest.skip(f"no cgroups here: {group.reason}")
+    child = subprocess.Popen(["sleep", "300"])
+    try:
+        for path in dirs:
+            (path / "cgroup.procs").write_text(str(child.pid))
+        group.remove()
+        assert child.wait(5) == -signal.SIGKILL
+        assert not [p for p in dirs if p.exists()]
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
