@@ -307,6 +307,11 @@ def outcome_rows(store: JobStore, batch: Batch) -> tuple[list[tuple[str, int, in
     for job_id in batch.ids:
         job = store.get(job_id)
         got[job.state] += 1
+        if job.state != KINDS[batch.kinds[job_id]][2]:  # say why, with the end of its log
+            log = b"".join(d for _, d in store.read_log(job_id))[-600:]
+            console.print(f"[yellow]job {job_id} ({batch.kinds[job_id]}) ended {job.state}: "
+                          f"{job.message}[/]\n{log.decode(errors='replace')}", markup=True,
+                          highlight=False)
         if job.started_at and job.finished_at:
             durations.append(job.finished_at - job.started_at)
             if job.state == "success":
@@ -407,6 +412,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1000, help="jobs to churn (1000)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 20 jobs, one in 10 timing out or cancelled")
+    parser.add_argument("--special-every", type=int, default=0,
+                        help="every Nth job times out or is cancelled (50; 10 with --quick)")
     parser.add_argument("--concurrency", type=int, default=2, help="worker -c (2)")
     parser.add_argument("--network", choices=("none", "egress", "allowlist"), default="none",
                         help="[vm] network of the jobs; a NIC runs all under unshare --net")
@@ -425,7 +432,7 @@ def main() -> int:
     nic = args.network != "none"
     if nic:
         reexec_unshared()
-    special_every = 10 if args.quick else 50
+    special_every = args.special_every or (10 if args.quick else 50)
     kinds = plan(args.jobs, 10, special_every, 10 if nic else 0)
     warmup = ["ok", "fail", "timeout", "cancel"] + (["net"] if nic else []) \
         + ["ok"] * max(0, args.concurrency - 1)
