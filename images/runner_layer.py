@@ -21,6 +21,7 @@ import tarfile
 import zlib
 from pathlib import Path
 
+from kata_ci import tarsafe
 from kata_ci.images.artifacts import (
     Artifact,
     BuildError,
@@ -126,8 +127,12 @@ def _extract(tarball: Path, dest: Path) -> None:
             members = archive.getmembers()
             if not any(m.isfile() for m in members):
                 raise BuildError(f"runner tarball {tarball.name} holds no files")
-            archive.extractall(dest, filter="data")
-    except tarfile.FilterError as exc:
+            if tarsafe.has_native_filter():
+                archive.extractall(dest, filter="data")
+            else:  # each member checked just before it is written (links made so far count)
+                archive.extractall(dest, members=(tarsafe.data_filter(m, str(dest))
+                                                  for m in members))
+    except (tarsafe.Refused, getattr(tarfile, "FilterError", tarsafe.Refused)) as exc:
         raise BuildError(f"runner tarball {tarball.name} refused: {exc}") from None
     except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise BuildError(f"runner tarball {tarball.name} is not a gzip'd tar archive "

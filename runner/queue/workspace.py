@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, cast
 
+from kata_ci import tarsafe
 from kata_ci.errors import UserError
 from kata_ci.runner.core import beneath
 from kata_ci.runner.core.config import QueueConfig
@@ -182,8 +183,8 @@ def _filtered(member: tarfile.TarInfo, into: Path) -> tarfile.TarInfo:
     """tarfile's data filter (no absolute or escaping names, no links out, no devices,
     no setuid, no owners), then our own check of the name."""
     try:
-        member = tarfile.data_filter(member, str(into))
-    except tarfile.FilterError as exc:
+        member = tarsafe.data_filter(member, str(into))
+    except tarsafe.Refused as exc:
         raise UserError(f"workspace archive refused: {exc}") from None
     parts = [p for p in member.name.split("/") if p not in ("", ".")]
     if ".." in parts:
