@@ -61,7 +61,6 @@ import argparse
 import collections
 import contextlib
 import os
-import re
 import shutil
 import signal
 import socket
@@ -76,41 +75,38 @@ from typing import Any, cast
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import redis
 from churn_probe import (
+    JOB_IN_TEXT,
+    LABEL,
+    QUEUE,
     Ours,
     Row,
     RunDirWatch,
     Snapshot,
     cgroup_parents,
     compare,
+    console,
     mountinfo,
     processes,
     program,
     read,
     snapshot,
 )
-from rich.console import Console
 from rich.table import Table
 
 from kata_ci.executors.network.netns import NETNS_DIR
 from kata_ci.executors.network.netns import PREFIX as NETNS_PREFIX
 from kata_ci.runner.core import config as config_mod
 from kata_ci.runner.core.outcome import FINAL
-from kata_ci.runner.queue.app import TASK, make_app, queue_name
+from kata_ci.runner.queue.app import TASK, make_app
 from kata_ci.runner.queue.store import PREFIX, JobStore
 from kata_ci.runner.queue.workspace import Bounds, pack
 
 ROOT = Path(__file__).resolve().parent.parent
 KATA_CI = [sys.executable, "-m", "kata_ci.runner.cli"]
-LABEL = "default"
-QUEUE = queue_name(LABEL)
 UNSHARED = "KATA_CI_CHURN_UNSHARED"  # set in the re-run under unshare
 GRACE = 2.0
 TIMEOUT_JOB = 4.0  # the job that times out: seconds it gets
 CANCEL_JOB_LIMIT = 120.0  # the job we cancel: it would end by itself only after this
-VM_ID = re.compile(r"^[0-9a-f]{12}$")
-JOB_IN_TEXT = re.compile(r"kata-ci-([0-9a-f]{16})-")
-VM_IN_TEXT = re.compile(r"(?:/kata-ci/|kci-|/)([0-9a-f]{12})(?![0-9a-f])")
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
 # -- the jobs -----------------------------------------------------------------------------
 

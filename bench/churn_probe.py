@@ -28,14 +28,8 @@ from kata_ci.executors.qemu.confine import CGROUP_PARENT, CGROUP_ROOT
 from kata_ci.runner.queue.app import queue_name
 from kata_ci.runner.queue.store import LEASES, PREFIX
 
-ROOT = Path(__file__).resolve().parent.parent
-KATA_CI = [sys.executable, "-m", "kata_ci.runner.cli"]
 LABEL = "default"
 QUEUE = queue_name(LABEL)
-UNSHARED = "KATA_CI_CHURN_UNSHARED"  # set in the re-run under unshare
-GRACE = 2.0
-TIMEOUT_JOB = 4.0  # the job that times out: seconds it gets
-CANCEL_JOB_LIMIT = 120.0  # the job we cancel: it would end by itself only after this
 VM_ID = re.compile(r"^[0-9a-f]{12}$")
 JOB_IN_TEXT = re.compile(r"kata-ci-([0-9a-f]{16})-")
 VM_IN_TEXT = re.compile(r"(?:/kata-ci/|kci-|/)([0-9a-f]{12})(?![0-9a-f])")

@@ -10,9 +10,8 @@ import http.client
 import os
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,6 +24,7 @@ from kata_ci.runner.ops.metrics import parse_listen
 from kata_ci.runner.queue import capacity
 from kata_ci.runner.queue.app import queue_name
 from tests.e2e.conftest import KATA_CI
+from tests.e2e.test_daemon import wait_until
 from tests.fakes.git_http import make_repo
 from tests.fakes.gitlab import FakeGitLab
 from tests.integration.github_endpoint import payload
@@ -42,14 +42,6 @@ def scrape(url: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def wait_until(check: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 class Process:
