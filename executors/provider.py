@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from kata_ci import paths
-from kata_ci.errors import RestoreFailed, SystemFailure
+from kata_ci.errors import RestoreFailed, RestoreStalled, SystemFailure
 from kata_ci.executors.base import VM, Backend, VMSpec
 from kata_ci.executors.network.policy import NONE, NetworkPolicy
 from kata_ci.executors.templates import Template, TemplateStore
@@ -159,6 +159,9 @@ class SnapshotProvider(ColdBootProvider):
             return super().acquire(request, on_created)
         try:
             return self._start(self.backend.restore(spec, template.file), request, on_created)
+        except RestoreStalled as exc:  # nothing ran yet; the template is not to blame
+            self.notify(f"the restored VM did not answer ({exc.args[0]}); booting cold")
+            return super().acquire(request, on_created)
         except RestoreFailed as exc:
             self.store.discard(template)
             self.restore_failures[template.key] = self.restore_failures.get(template.key, 0) + 1

@@ -42,6 +42,12 @@ class RestoreFailed(SystemFailure):
     the state). Nothing of the job ran yet: the provider boots the job cold instead."""
 
 
+class RestoreStalled(RestoreFailed):
+    """A restored VM whose agent did not answer within the boot timeout. Nothing of the job
+    ran: it boots cold instead, but the template stays (a loaded host is slow, not the file
+    broken). The churn bench saw it once in 1,000 restores under TCG."""
+
+
 class ImagePullFailure(SystemFailure):
     """A job's OCI image could not be made ready (GitLab's failure_reason
     ``image_pull_failure``), raised before any job script runs. The message is one line that

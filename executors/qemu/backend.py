@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from kata_ci.errors import RestoreFailed, SystemFailure
+from kata_ci.errors import RestoreFailed, RestoreStalled, SystemFailure
 from kata_ci.executors.agent_client import AgentClient, VirtioSerialChannel
 from kata_ci.executors.base import VM, Accel, Backend, BootTimes, Capabilities, VMSpec
 from kata_ci.executors.network import netns
@@ -106,8 +106,8 @@ class QemuVM(VM):
             if not restoring or self._killed:
                 raise
             if time.monotonic() >= deadline:  # slow, not broken: the template stays
-                raise SystemFailure(f"the VM was not restored within {timeout:g}s "
-                                    f"({exc.args[0]})", self.diagnostics()) from None
+                raise RestoreStalled(f"the VM was not restored within {timeout:g}s "
+                                     f"({exc.args[0]})", self.diagnostics()) from None
             if isinstance(exc, RestoreFailed):
                 raise
             # Up to a healthy agent, a failure is the snapshot's: the job may boot cold.

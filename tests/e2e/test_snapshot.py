@@ -188,3 +188,47 @@ def test_a_host_where_restores_keep_failing_stops_rebuilding_templates(
     job()
     assert list(store.root.glob("*/vm.snap")) == []  # not built a third time
     assert any("restores keep failing" in note for note in notes)
+
+
+def test_a_restore_that_stalls_boots_the_job_cold_and_keeps_the_template(
+        tmp_path: Path, manifest: Manifest, backend: QemuBackend) -> None:
+    """A restored VM that never answers (here its QEMU is stopped with SIGSTOP as it starts):
+    at the boot timeout the job gets a cold-booted VM instead of a system failure, the
+    stalled VM is gone, and the template stays for the next job."""
+    import signal
+    import threading
+
+    from kata_ci.executors.provider import SnapshotProvider, VMRequest
+    from kata_ci.executors.templates import TemplateStore
+
+    notes: list[str] = []
+    store = TemplateStore(tmp_path / "templates")
+    base = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
+                  rootfs=Path(manifest.rootfs.path))
+    provider = SnapshotProvider(backend, base, store, notes.append)
+    (tmp_path / "ws").mkdir()
+    request = VMRequest(tmp_path / "ws", None, 2, 1024, 30)
+    provider.release(provider.acquire(request, lambda vm: None), graceful=True)  # template
+    made: list[QemuVM] = []
+
+    def stop_the_first(vm: object) -> None:
+        made.append(vm)  # type: ignore[arg-type]
+        if len(made) > 1:
+            return
+
+        def stop() -> None:
+            while made[0]._qemu is None:
+                time.sleep(0.005)
+            os.kill(made[0]._qemu.pid, signal.SIGSTOP)
+
+        threading.Thread(target=stop, daemon=True).start()
+
+    vm = provider.acquire(request, stop_the_first)
+    try:
+        assert len(made) == 2 and vm is made[1]
+        assert vm.boot_times is not None and not vm.boot_times.restored
+        assert any("did not answer" in note and "booting cold" in note for note in notes)
+        assert made[0]._qemu is not None and made[0]._qemu.poll() is not None  # killed
+    finally:
+        provider.release(vm, graceful=True)
+    assert list(store.root.glob("*/vm.snap")), "the template was discarded"
