@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kata_ci.errors import UserError
-from kata_ci.runner.cli.daemon_options import daemon_options, start_daemon
+from kata_ci.runner.cli.daemon_options import daemon_options, parse_listen, start_daemon
 from kata_ci.runner.cli.queue import _usage_errors, config_option
 from kata_ci.runner.core import config as config_mod
 
@@ -55,13 +55,6 @@ def _parts(config_path: Path | None) -> tuple[config_mod.Config, JobStore, GitHu
                                                     cfg.queue.max_job_timeout)
 
 
-def _listen(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--listen {text!r}: expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 @github.command()
 @click.option("--listen", default="127.0.0.1:8470", show_default=True,
               help="HOST:PORT of the webhook endpoint (put TLS in front of it).")
@@ -91,7 +84,8 @@ def serve(listen: str, no_reconcile: bool, config_path: Path | None,
         return None
 
     try:
-        server = WebhookServer(_listen(listen), hooks, healthy)
+        server = WebhookServer(parse_listen(listen, "--listen", empty_host="0.0.0.0"),
+                               hooks, healthy)
     except OSError as exc:
         raise UserError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     stop = threading.Event()

@@ -73,8 +73,8 @@ def bind(host: str, port: int, listen: str) -> socket.socket:
 @_usage_errors
 def status(listen: str, token_file: Path | None, config_path: Path | None) -> None:
     """Serve the read-only status page: jobs, their timings, VMs per host, live logs."""
+    from kata_ci.runner.cli.daemon_options import parse_listen
     from kata_ci.runner.core import config as config_mod
-    from kata_ci.runner.ops.metrics import parse_listen
 
     host, port = parse_listen(listen, "--listen")
     token = read_token(token_file)

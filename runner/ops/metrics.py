@@ -101,33 +101,24 @@ class RedisUp(Collector):
         yield family
 
 
-def parse_listen(text: str, option: str = "--metrics-listen") -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port); a UserError otherwise."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"{option} wants HOST:PORT (e.g. 127.0.0.1:9470), not {text!r}")
-    return host, int(port)
-
-
 _redis_watched: set[str] = set()
 
 
-def serve(listen: str | None, broker: str | None = None) -> None:
-    """Start the /metrics endpoint in a background thread (nothing when ``listen`` is None),
-    with ``kata_ci_redis_up`` for ``broker``. Metrics carry no job data (no ids, no output,
-    no names a job chooses), so they are served without a token; bind them where only the
-    scraper reaches (loopback by default in the ansible units)."""
+def serve(listen: tuple[str, int] | None, broker: str | None = None) -> None:
+    """Start the /metrics endpoint on (host, port) in a background thread (nothing when
+    ``listen`` is None), with ``kata_ci_redis_up`` for ``broker``. Metrics carry no job
+    data (no ids, no output, no names a job chooses), so they are served without a token;
+    bind them where only the scraper reaches (loopback by default in the ansible units)."""
     if broker and broker not in _redis_watched:
         _redis_watched.add(broker)
         REGISTRY.register(RedisUp(broker))
     if listen is None:
         return
-    host, port = parse_listen(listen)
+    host, port = listen
     try:
         start_http_server(port, addr=host)
     except OSError as exc:
-        raise UserError(f"--metrics-listen {listen}: {exc.strerror or exc}") from None
+        raise UserError(f"--metrics-listen {host}:{port}: {exc.strerror or exc}") from None
 
 
 class JobMeter:

@@ -19,8 +19,8 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from kata_ci.runner.cli.daemon_options import parse_listen
 from kata_ci.runner.ops.logs import JsonFormatter
-from kata_ci.runner.ops.metrics import parse_listen
 from kata_ci.runner.queue import capacity
 from kata_ci.runner.queue.app import queue_name
 from tests.e2e.conftest import KATA_CI
@@ -169,7 +169,7 @@ def test_a_bad_metrics_address_is_refused_before_anything_starts(tmp_path: Path)
     assert b"--metrics-listen wants HOST:PORT" in done.stderr
     assert b"Traceback" not in done.stderr
     with pytest.raises(Exception, match="HOST:PORT"):
-        parse_listen("127.0.0.1:99999")
+        parse_listen("127.0.0.1:99999", "--metrics-listen")
 
 
 def test_json_lines_keep_a_traceback_in_one_line() -> None:
