@@ -72,7 +72,6 @@ SOURCES = ("queue", "gitlab", "github")
 VERDICTS = ("accepted", "bad_signature", "duplicate", "ignored_label", "ignored_repo",
             "ignored_event", "ping", "updated", "already_requested", "deferred", "malformed",
             "too_large", "busy", "error")
-RECONCILE = ("requested", "deregistered", "closed", "failed", "skipped")
 
 
 def bounded(value: str, allowed: Iterable[str]) -> str:
@@ -146,18 +145,18 @@ class VMMeter:
     """The provider's listener (executors/provider.py): VM start times by how the VM came to
     be, VMs running; and the VM-ready milestone of the job the thread works for."""
 
-    def __init__(self, ready: Callable[[str, VM], None] | None = None) -> None:
-        self.ready = ready  # (job id, vm): record the job's milestone
+    def __init__(self, ready: Callable[[str, str], None] | None = None) -> None:
+        self.ready = ready  # (job id, restore | cold): record the job's milestone
 
     def started(self, vm: VM) -> None:
         VMS_RUNNING.inc()
         times = vm.boot_times
+        mode = "restore" if times is not None and times.restored else "cold"
         if times is not None:
-            VM_START.labels("restore" if times.restored else "cold").observe(
-                times.agent_healthy)
+            VM_START.labels(mode).observe(times.agent_healthy)
         job = context.current()
         if job is not None and self.ready is not None:
-            self.ready(job.job_id, vm)
+            self.ready(job.job_id, mode)
 
     def released(self, vm: VM) -> None:
         VMS_RUNNING.dec()

@@ -25,7 +25,6 @@ from pathlib import Path
 from celery.signals import worker_shutting_down
 
 from kata_ci.errors import KataCIError, SystemFailure, UserError
-from kata_ci.executors.base import VM
 from kata_ci.executors.network.netns import available as netns_unavailable
 from kata_ci.executors.network.policy import NONE, NetworkPolicy
 from kata_ci.executors.provider import VMProvider, open_provider
@@ -93,11 +92,10 @@ class Daemon:
         self._tokens: dict[str, str] = {}  # job id -> fencing token, while it runs here
         provider.listen(VMMeter(self._vm_ready))
 
-    def _vm_ready(self, job_id: str, vm: VM) -> None:
+    def _vm_ready(self, job_id: str, mode: str) -> None:
         token = self._tokens.get(job_id)
         if token:
-            how = "restore" if vm.boot_times and vm.boot_times.restored else "cold"
-            self.store.milestone(job_id, token, vm_ready_at=str(time.time()), vm_start=how)
+            self.store.milestone(job_id, token, vm_ready_at=str(time.time()), vm_start=mode)
 
     @contextlib.contextmanager
     def _busy(self) -> Iterator[None]:
@@ -189,9 +187,7 @@ class Daemon:
             return
         log.info("job %s: running %s (attempt %s)", job_id, shown(job.argv),
                  token.rsplit(":", 1)[1])
-        claimed = self.store.get(job_id)
-        meter = JobMeter(job.source, job.label, self.labels, job.created_at,
-                         claimed.started_at or time.time())
+        meter = JobMeter(job.source, job.label, self.labels, job.created_at, time.time())
         self._tokens[job_id] = token
         with Heartbeat(self.store, job_id, token, self.ttl) as beat:
             try:
