@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,20 @@ from kata_ci.images.build import load_current
 from kata_ci.runner.core import config as config_mod
 
 KATA_CI = [sys.executable, "-m", "kata_ci.runner.cli"]
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float,
+                 sig: int = signal.SIGTERM) -> None:
+    """Stop a kata-ci process a test started: ``sig``, ``timeout`` s to exit, then SIGKILL.
+    Nothing to do when it was never started or has exited."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from kombu.connection import Connection
 from kata_ci.runner.core.outcome import FINAL
 from kata_ci.runner.queue.app import TASK, make_app, queue_name
 from kata_ci.runner.queue.store import JobStore
-from tests.e2e.conftest import KATA_CI, leftovers
+from tests.e2e.conftest import KATA_CI, leftovers, stop_process
 from tests.integration.redis_server import RedisServer, free_port
 
 
@@ -43,13 +43,7 @@ class Worker:
         wait_until(lambda: self.log.read_bytes().count(b" ready.") > seen, 60, "worker ready")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30)
 
     def leftovers(self) -> list[str]:
         """Files in this worker's run dir and live processes naming it (zombies do not)."""

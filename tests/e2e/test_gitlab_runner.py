@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from kata_ci.runner.queue.store import JobStore
-from tests.e2e.conftest import KATA_CI
+from tests.e2e.conftest import KATA_CI, stop_process
 from tests.e2e.test_daemon import Worker, wait_until
 from tests.fakes.git_http import make_repo
 from tests.fakes.gitlab import FakeGitLab, FakeJob
@@ -46,13 +46,7 @@ class Poller:
                  "--check-interval", "0.2"], stdout=sink, stderr=sink)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30, sig)
 
 
 @pytest.fixture

@@ -17,7 +17,9 @@ import pytest
 
 from kata_ci import paths
 from kata_ci.executors.base import VMSpec
+from kata_ci.executors.provider import SnapshotProvider, VMRequest
 from kata_ci.executors.qemu.backend import QemuBackend, QemuVM
+from kata_ci.executors.templates import TemplateStore
 from kata_ci.images.artifacts import Manifest
 from tests.e2e.conftest import MakeVM, kata_ci_run, leftovers
 
@@ -35,6 +37,19 @@ def run(vm: QemuVM, script: str) -> str:
     out = b"".join(chunk.data for chunk in stream if chunk.stream == "stdout")
     assert stream.exit is not None and stream.exit.exit_code == 0
     return out.decode()
+
+
+def snapshot_provider(tmp_path: Path, manifest: Manifest, backend: QemuBackend,
+                      notes: list[str], boot_timeout: float,
+                      ) -> tuple[SnapshotProvider, TemplateStore, VMRequest]:
+    """A provider of its own (templates under ``tmp_path``, notes kept) and a 2 vCPU / 1 GiB
+    request over an empty workspace."""
+    store = TemplateStore(tmp_path / "templates")
+    base = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
+                  rootfs=Path(manifest.rootfs.path))
+    (tmp_path / "ws").mkdir()
+    return (SnapshotProvider(backend, base, store, notes.append), store,
+            VMRequest(tmp_path / "ws", None, 2, 1024, boot_timeout))
 
 
 def test_snapshots_are_possible_on_this_host(backend: QemuBackend) -> None:
@@ -154,16 +169,8 @@ def test_a_host_where_restores_keep_failing_stops_rebuilding_templates(
         tmp_path: Path, manifest: Manifest, backend: QemuBackend) -> None:
     """When a rebuilt template fails to restore again, the provider stops building templates
     of that size for its life: later jobs boot cold at once instead of paying a build each."""
-    from kata_ci.executors.provider import SnapshotProvider, VMRequest
-    from kata_ci.executors.templates import TemplateStore
-
     notes: list[str] = []
-    store = TemplateStore(tmp_path / "templates")
-    base = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
-                  rootfs=Path(manifest.rootfs.path))
-    provider = SnapshotProvider(backend, base, store, notes.append)
-    (tmp_path / "ws").mkdir()
-    request = VMRequest(tmp_path / "ws", None, 2, 1024, 120)
+    provider, store, request = snapshot_provider(tmp_path, manifest, backend, notes, 120)
 
     def job() -> bool:
         vm = provider.acquire(request, lambda vm: None)
@@ -198,16 +205,8 @@ def test_a_restore_that_stalls_boots_the_job_cold_and_keeps_the_template(
     import signal
     import threading
 
-    from kata_ci.executors.provider import SnapshotProvider, VMRequest
-    from kata_ci.executors.templates import TemplateStore
-
     notes: list[str] = []
-    store = TemplateStore(tmp_path / "templates")
-    base = VMSpec(kernel=Path(manifest.kernel.path), initramfs=Path(manifest.initramfs.path),
-                  rootfs=Path(manifest.rootfs.path))
-    provider = SnapshotProvider(backend, base, store, notes.append)
-    (tmp_path / "ws").mkdir()
-    request = VMRequest(tmp_path / "ws", None, 2, 1024, 30)
+    provider, store, request = snapshot_provider(tmp_path, manifest, backend, notes, 30)
     provider.release(provider.acquire(request, lambda vm: None), graceful=True)  # template
     made: list[QemuVM] = []
 

@@ -23,7 +23,7 @@ from kata_ci.runner.cli.daemon_options import parse_listen
 from kata_ci.runner.ops.logs import JsonFormatter
 from kata_ci.runner.queue import capacity
 from kata_ci.runner.queue.app import queue_name
-from tests.e2e.conftest import KATA_CI
+from tests.e2e.conftest import KATA_CI, stop_process
 from tests.e2e.test_daemon import wait_until
 from tests.fakes.git_http import make_repo
 from tests.fakes.gitlab import FakeGitLab
@@ -63,12 +63,7 @@ class Process:
             return False
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 20)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from starlette.exceptions import StarletteDeprecationWarning
 from kata_ci.runner.ops.web import WebSettings, create_app
 from kata_ci.runner.queue import capacity
 from kata_ci.runner.queue.store import Job, JobStore
+from tests.e2e.conftest import KATA_CI, stop_process
 from tests.integration.redis_server import RedisServer, free_port
 
 with warnings.catch_warnings():  # Starlette would rather have httpx2, which is not packaged
@@ -36,7 +37,6 @@ with warnings.catch_warnings():  # Starlette would rather have httpx2, which is 
 if TYPE_CHECKING:  # selenium is imported where a browser is started
     from selenium.webdriver.remote.webdriver import WebDriver
 
-KATA_CI = [sys.executable, "-m", "kata_ci.runner.cli"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 TOKEN = "status-token-0123456789abcdef"
 ENV_SECRET = "env-value-that-must-stay-private"
@@ -114,13 +114,7 @@ class StatusServer:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
 
 
 # -- fixtures -------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from kata_ci.images.artifacts import Manifest
 from kata_ci.images.build import load_current
 from kata_ci.images.runner_layer import build_runner_layer
 from tests import netlab
-from tests.e2e.conftest import KATA_CI
+from tests.e2e.conftest import KATA_CI, stop_process
 from tests.e2e.test_daemon import Worker, wait_until
 from tests.fakes.actions_runner import build_runner_tarball
 
@@ -118,13 +118,7 @@ class Serve:
                    "github serve ready")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
 
 
 def worker(config: Path, root: Path, cache: Path) -> Worker:

@@ -10,35 +10,11 @@ from typing import Any
 
 import pytest
 
-from kata_ci.runner.core.command import Cancel
-from kata_ci.runner.core.outcome import JobStatus
-from kata_ci.runner.core.schedule import JobResult
 from kata_ci.runner.core.spec import RunSettings
-from kata_ci.runner.github.jobs import GitHubPlan, github_context
-from kata_ci.runner.github.jobs import schedule as run_jobs
-from kata_ci.runner.github.steps import JobState, RunContext, contexts, minutes
-from kata_ci.runner.github.workflow import GHJob, Workflow, WorkflowError, load_workflow
-from kata_ci.runner.gitlab.jobs import predefined_variables
-
-
-def load(tmp_path: Path, text: str) -> Workflow:
-    (tmp_path / "ci.yml").write_text(text)
-    return load_workflow(tmp_path / "ci.yml")
-
-
-def context(tmp_path: Path, wf: Workflow) -> RunContext:
-    github = github_context(predefined_variables(tmp_path), "push", wf, tmp_path)
-    return RunContext(wf, tmp_path, github, {}, Cancel())
-
-
-def run(tmp_path: Path, wf: Workflow, statuses: dict[str, str],
-        outputs: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
-    """Schedule the workflow with a fake job runner: job id -> status and outputs."""
-    def fake(job: GHJob) -> JobResult:
-        return JobResult(job.name, JobStatus(statuses.get(job.key, "success")),
-                         outputs=(outputs or {}).get(job.key, {}))
-    results = run_jobs(wf, list(wf.jobs), 1, fake, context(tmp_path, wf))
-    return {r.name: r.status.value for r in results}
+from kata_ci.runner.github.jobs import GitHubPlan
+from kata_ci.runner.github.steps import JobState, contexts, minutes
+from kata_ci.runner.github.workflow import WorkflowError
+from tests.unit.corpus.test_github_jobs import context, load, run
 
 
 def test_matrix_from_needs_outputs(tmp_path: Path) -> None:
