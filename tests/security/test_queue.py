@@ -197,3 +197,20 @@ def test_the_shipped_unit_restarts_the_worker_on_any_exit() -> None:
         result = subprocess.run(["systemd-analyze", "verify", str(checked)],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "Unknown" not in result.stderr, result.stderr
+
+
+def test_a_forged_job_record_cannot_mint_metric_labels() -> None:
+    """A job record (anyone who can write to Redis can forge one) naming an invented label
+    and source: the worker's metrics count it as `other`, never under the forged words, so
+    no one can grow the metrics' cardinality or inject label text."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from kata_ci.runner.ops.metrics import JobMeter
+
+    forged = 'x"} 1\nkata_ci_fake 1\n{'
+    meter = JobMeter(forged, forged + "label", ["default"], 0.0, 1.0)
+    meter.output(10)
+    meter.finished("success")
+    text = generate_latest(REGISTRY).decode()
+    assert "kata_ci_fake" not in text and "x\\\"}" not in text
+    assert 'kata_ci_jobs_started_total{label="other",source="other"}' in text
